@@ -1,0 +1,251 @@
+"""Prefill -> evict -> decode, and the command line.
+
+    python generate.py --ckpt llama --budget 256 --prompt "..."
+    python generate.py --method laqpp --budget 128 --prompt-file doc.txt
+
+Stdout carries only the generated text, streamed; a one-line summary goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import lqc
+from model import CheckpointError, load
+
+DEMO_PROMPT = ("Lookahead Q-Cache keeps the prompt tokens that the answer will need. "
+               "In two sentences, explain why a smaller KV cache makes decoding faster.")
+
+
+@dataclass
+class Prefill:
+    logits: torch.Tensor  # [B, V] logits of the last prompt token
+    cache: object  # model.KVCache
+    obs_q: list  # per layer, the last prompt queries [B, H_q, w, D]
+    obs_pos: torch.Tensor  # [B, w]
+    mass: list | None  # per layer, H2O's accumulated attention [B, H_kv, L]
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, chunk: int = 512, keep_queries: int = 0, h2o: bool = False) -> Prefill:
+    """Run the prompt `[B, L]` through the model in chunks of `chunk` tokens (attention is then
+    chunk x L, never L x L). Keeps the last `keep_queries` queries per layer and, for H2O, the
+    attention mass every key receives from all prompt queries."""
+    B, L = ids.shape
+    cache = model.new_cache()
+    pos_all = torch.arange(L, device=ids.device).expand(B, L)  # [B, L]
+    obs_q, mass = None, None
+    want_q = keep_queries > 0 or h2o
+    for s in range(0, L, chunk):
+        pos = pos_all[:, s:s + chunk]
+        out = model(ids[:, s:s + chunk], pos, cache, return_queries=want_q)
+        logits, qs = out if want_q else (out, None)
+        if h2o:
+            mass = [lqc.accumulate_mass(None if mass is None else mass[l], q, cache.k[l], pos, cache.pos[l])
+                    for l, q in enumerate(qs)]
+        if keep_queries:  # the window may straddle two chunks
+            obs_q = qs if obs_q is None else [torch.cat([a, b], 2) for a, b in zip(obs_q, qs)]
+            obs_q = [q[:, :, -keep_queries:] for q in obs_q]
+    obs_pos = pos_all[:, L - (obs_q[0].shape[2] if obs_q else 0):]
+    return Prefill(logits[:, -1], cache, obs_q, obs_pos, mass)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator | None):
+    """Next token `[B]` from logits `[B, V]`; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+@torch.no_grad()
+def decode(model, cache, logits, next_pos, max_new_tokens, eos_ids=(), temperature=0.0, top_k=0, top_p=1.0,
+           gen=None, on_token=None) -> list[int]:
+    """Decode from the prefill logits `[B, V]` (batch 1 for the text), one token per step, the cache
+    growing by one entry per token; stop at EOS or after max_new_tokens."""
+    out = []
+    for i in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, gen)  # [B]
+        if tok[0].item() in eos_ids:
+            break
+        out.append(tok[0].item())
+        if on_token:
+            on_token(out)
+        if i + 1 < max_new_tokens:
+            logits = model(tok[:, None], (next_pos + i)[:, None], cache)[:, -1]
+    return out
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    kept: int = 0
+    prefill_s: float = 0.0
+    evict_s: float = 0.0
+    new_tokens: int = 0
+    decode_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        tps = self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+        return (f"prompt {self.prompt_tokens} tok | KV kept {self.kept}/{self.prompt_tokens} per head per layer | "
+                f"prefill {self.prefill_s:.2f} s ({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s) | "
+                f"evict {self.evict_s:.3f} s | decode {self.new_tokens} tok at {tps:.1f} tok/s")
+
+
+def evict(cfg: lqc.EvictConfig, model, pre: Prefill, next_pos, eos_ids):
+    """The eviction step between prefill and decode: returns the compacted cache and the kept indices."""
+    indices = lqc.plan_eviction(cfg, model, pre.cache, pre.logits, pre.obs_q, pre.obs_pos, pre.mass, next_pos, eos_ids)
+    return (pre.cache, None) if indices is None else (pre.cache.gather(indices), indices)
+
+
+@torch.no_grad()
+def run(model, ids: list[int], cfg: lqc.EvictConfig, max_new_tokens=256, prefill_chunk=512, eos_ids=(),
+        temperature=0.0, top_k=0, top_p=1.0, seed=None, on_token=None):
+    """Prefill, evict, decode one prompt. Returns (new token ids, Stats)."""
+    device = model.tok_embeddings.weight.device
+    x = torch.tensor([ids], device=device)  # [1, L]
+    next_pos = torch.tensor([len(ids)], device=device)
+    stats = Stats(prompt_tokens=len(ids))
+    t0 = time.perf_counter()
+    pre = prefill(model, x, prefill_chunk, cfg.obs_window, h2o=cfg.method == "h2o")
+    t1 = time.perf_counter()
+    cache, _ = evict(cfg, model, pre, next_pos, eos_ids)
+    t2 = time.perf_counter()
+    stats.kept = int(cache.kept()[:, 0].float().mean().round())  # mean over layers and KV heads
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    out = decode(model, cache, pre.logits, next_pos, max_new_tokens, eos_ids, temperature, top_k, top_p, gen, on_token)
+    t3 = time.perf_counter()
+    stats.prefill_s, stats.evict_s, stats.decode_s, stats.new_tokens = t1 - t0, t2 - t1, t3 - t2, len(out)
+    return out, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+class Streamer:
+    """Prints the text of new tokens as they come (decoding the whole reply keeps multi-byte
+    characters and leading spaces right)."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.printed = tokenizer, ""
+
+    def __call__(self, ids):
+        text = self.tok.decode(ids)
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the next token
+            return
+        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.flush()
+        self.printed = text
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = ArgParser(description="Generate text with a Llama-family model and KV-cache eviction after prefill.")
+    p.add_argument("--ckpt", default="smollm2", help="short name (smollm2, llama, ...), .gguf file, HF directory or hub id")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="the prompt (default: read stdin when it is not a terminal, else a demo prompt)")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--answer-prefix", default="", help="text the reply starts with (appended after the chat header)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the checkpoint's chat format (default: when it has one)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--method", default="full", choices=lqc.METHODS)
+    p.add_argument("--budget", type=int, default=256, help="kept prompt entries per KV head per layer")
+    p.add_argument("--window", type=int, default=32, help="observation window (SnapKV, PyramidKV, Ada-KV) / recent window (H2O)")
+    p.add_argument("--window-laqpp", type=int, default=8, help="prompt-suffix queries of LAQ++")
+    p.add_argument("--lookahead", type=int, default=8, help="pseudo tokens of LAQ / LAQ++")
+    p.add_argument("--pool", default="max", choices=["max", "avg"])
+    p.add_argument("--pool-kernel", type=int, default=7)
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    return p.parse_args(argv)
+
+
+def read_prompt(prompt, prompt_file) -> str:
+    if prompt is not None:
+        return prompt
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read --prompt-file: {e.strerror}: {prompt_file}") from None
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    return DEMO_PROMPT
+
+
+def check_device(device: str, dtype: str):
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available here (no CUDA): use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' is not available here: use --device cpu")
+    return dev, getattr(torch, dtype)
+
+
+def main(ckpt, prompt, prompt_file, answer_prefix, max_new_tokens, temperature, top_k, top_p, seed, chat, device,
+         dtype, method, budget, window, window_laqpp, lookahead, pool, pool_kernel, prefill_chunk):
+    cfg = lqc.EvictConfig(method, budget, window, window_laqpp, lookahead, pool_kernel, pool)
+    if max_new_tokens <= 0 or prefill_chunk <= 0:
+        raise ValueError("--max-new-tokens and --prefill-chunk must be > 0")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+    text = read_prompt(prompt, prompt_file)
+    if not text.strip():
+        raise ValueError("the prompt is empty: give --prompt, --prompt-file or text on stdin")
+    dev, dt = check_device(device, dtype)
+    model, tok = load(ckpt, dev, dt)
+    ids = tok.prompt_ids(text, chat=tok.chat_format is not None if chat is None else chat, answer_prefix=answer_prefix)
+    limit = model.args.max_seq_len
+    if len(ids) + max_new_tokens > limit:
+        raise ValueError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {limit}: shorten the prompt or lower --max-new-tokens")
+    if answer_prefix:
+        sys.stdout.write(answer_prefix)
+    out, stats = run(model, ids, cfg, max_new_tokens, prefill_chunk, tok.eos_ids, temperature, top_k, top_p, seed,
+                     on_token=Streamer(tok))
+    print(file=sys.stdout, flush=True)
+    print(f"[{method}] {stats.line()}", file=sys.stderr)
+
+
+def cli(argv=None):
+    args = parse_args(argv)
+    try:
+        main(**vars(args))
+    except (ValueError, CheckpointError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()
