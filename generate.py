@@ -17,8 +17,24 @@ import torch
 import lqc
 from model import CheckpointError, load
 
-DEMO_PROMPT = ("Lookahead Q-Cache keeps the prompt tokens that the answer will need. "
-               "In two sentences, explain why a smaller KV cache makes decoding faster.")
+DEMO_PROMPT = """Read the notes and answer the question.
+
+The harbour town of Wrenmouth sits at the mouth of a slow river. Its market opens at dawn on
+Tuesdays and Saturdays, and the fishing boats come in before the bells ring at seven. The old
+stone bridge was rebuilt twice, once after a winter flood and once after a cart of barrels
+cracked its western arch. Children learn to swim in the shallow bay behind the church, where the
+water stays warm until late September. The town library keeps a collection of ship logbooks, the
+oldest of them written by a captain who sailed to Lisbon and back forty times.
+
+The lighthouse on the northern cliff is kept by a woman named Agnes Morrow. She climbs its
+one hundred and twelve steps every evening to light the lamp, and she paints its door a bright
+green every spring. Visitors may climb the tower on Sunday afternoons if the wind is calm.
+
+The bakery near the harbour is famous for its rye bread and its honey cakes, which sell out
+before noon. In the summer a ferry carries travellers to the island of Carrow, a trip of forty
+minutes when the sea is quiet.
+
+Question: Who keeps the lighthouse in Wrenmouth, and what colour is its door?"""
 
 
 @dataclass
@@ -162,8 +178,9 @@ def parse_args(argv=None):
     p = ArgParser(description="Generate text with a Llama-family model and KV-cache eviction after prefill.")
     p.add_argument("--ckpt", default="smollm2", help="short name (smollm2, llama, ...), .gguf file, HF directory or hub id")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="the prompt (default: read stdin when it is not a terminal, else a demo prompt)")
+    src.add_argument("--prompt", help="the prompt (default: stdin when it is not a terminal, else the demo prompt)")
     src.add_argument("--prompt-file", help="read the prompt from this file")
+    src.add_argument("--demo", action="store_true", help="use the built-in demo prompt (a short document and a question)")
     p.add_argument("--answer-prefix", default="", help="text the reply starts with (appended after the chat header)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -185,7 +202,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def read_prompt(prompt, prompt_file) -> str:
+def read_prompt(prompt, prompt_file, demo) -> str:
+    if demo:
+        return DEMO_PROMPT
     if prompt is not None:
         return prompt
     if prompt_file is not None:
@@ -211,14 +230,14 @@ def check_device(device: str, dtype: str):
     return dev, getattr(torch, dtype)
 
 
-def main(ckpt, prompt, prompt_file, answer_prefix, max_new_tokens, temperature, top_k, top_p, seed, chat, device,
+def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, temperature, top_k, top_p, seed, chat, device,
          dtype, method, budget, window, window_laqpp, lookahead, pool, pool_kernel, prefill_chunk):
     cfg = lqc.EvictConfig(method, budget, window, window_laqpp, lookahead, pool_kernel, pool)
     if max_new_tokens <= 0 or prefill_chunk <= 0:
         raise ValueError("--max-new-tokens and --prefill-chunk must be > 0")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
-    text = read_prompt(prompt, prompt_file)
+    text = read_prompt(prompt, prompt_file, demo)
     if not text.strip():
         raise ValueError("the prompt is empty: give --prompt, --prompt-file or text on stdin")
     dev, dt = check_device(device, dtype)
