@@ -95,9 +95,9 @@ def accumulate_mass(mass: torch.Tensor | None, q, k, q_pos, k_pos) -> torch.Tens
 
 
 def score_streaming(k_pos: torch.Tensor, sinks: int = 4) -> torch.Tensor:
-    """StreamingLLM: the first `sinks` positions (attention sinks) score 1, the rest 0; keep the
-    recent ones with select's keep_last = budget - sinks. `[B, H_kv, L]` -> `[B, H_kv, L]`."""
-    return (k_pos < sinks).float()
+    """StreamingLLM: the first `sinks` positions (attention sinks) score above the rest, earliest
+    highest; keep the recent ones with select's keep_last = budget - sinks. `[B, H_kv, L]` -> same."""
+    return (sinks - k_pos).clamp(min=0).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +144,7 @@ def budgets_adakv(scores: torch.Tensor, budget: int, keep_last: int, alpha: floa
     H * budget entries; each head keeps at least its window plus alpha * (budget - window).
     scores `[B, H_kv, L]` (the window scoring +inf) -> budgets `[B, H_kv]`, summing to H * budget."""
     B, H, L = scores.shape
+    keep_last = min(keep_last, budget)
     rest = budget - keep_last
     prefix = scores[..., : L - keep_last]  # [B, H, P]
     P = prefix.shape[-1]

@@ -379,3 +379,201 @@ def test_cli_corrupt_checkpoint(tmp_path):
     (d / "config.json").write_text("{not json")
     r = run_cli("--ckpt", str(d), "--prompt", "hi")
     assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# lqc.py: eviction policies
+
+EVICTING = [m for m in lqc.METHODS if m != "full"]
+GROUPS = st.sampled_from([(4, 4), (4, 2), (6, 2), (4, 1), (8, 2)])  # GQA groups 1..4
+
+
+def evict_and_decode(model, ids, cfg, steps=4, eos_ids=()):
+    """Prefill, evict with cfg, greedy-decode `steps` tokens. Returns (per-step logits, tokens,
+    prefill state, compacted cache, kept indices or None)."""
+    L = ids.shape[1]
+    pre = G.prefill(model, ids, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o")
+    full_k = [k.clone() for k in pre.cache.k]
+    cache, indices = G.evict(cfg, model, pre, torch.tensor([L]), eos_ids)
+    assert all(torch.equal(a, b) for a, b in zip(full_k, pre.cache.k)), "eviction modified the full cache"
+    logits, out = pre.logits, []
+    steps_logits = [logits]
+    for i in range(steps):
+        tok = logits.argmax(-1)
+        out.append(tok.item())
+        logits = model(tok[:, None], torch.tensor([[L + i]]), cache)[:, -1]
+        steps_logits.append(logits)
+    return steps_logits, out, pre, cache, indices
+
+
+def rand_ids(model, L, seed=0):
+    return torch.randint(0, model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(seed))
+
+
+def small_cfg(method, budget, **kw):
+    return lqc.EvictConfig(method, budget, **{"window": 8, "window_laqpp": 4, "lookahead": 3, **kw})
+
+
+@FAST
+@given(L=st.integers(3, 60), extra=st.integers(0, 20), group=GROUPS, method=st.sampled_from(EVICTING))
+def test_budget_covering_the_prompt_gives_the_full_cache(L, extra, group, method):
+    model = tiny(*group)
+    ids = rand_ids(model, L, L)
+    full, full_tok, *_ = evict_and_decode(model, ids, small_cfg("full", 1))
+    got, tok, _, cache, indices = evict_and_decode(model, ids, small_cfg(method, L + extra))
+    assert indices is None and tok == full_tok
+    for a, b in zip(got, full):
+        assert torch.equal(a, b)
+
+
+@FAST
+@given(L=st.integers(20, 90), budget=st.integers(1, 40), group=GROUPS, method=st.sampled_from(EVICTING),
+       seed=st.integers(0, 3))
+def test_kept_indices_are_sorted_unique_and_keep_window_and_sinks(L, budget, group, method, seed):
+    model = tiny(*group, n_layers=3)
+    cfg = small_cfg(method, budget)
+    ids = rand_ids(model, L, seed)
+    logits, tokens, pre, cache, indices = evict_and_decode(model, ids, cfg, steps=1)
+    assert tokens[0] == pre.logits.argmax(-1).item()  # the first token comes from the prefill logits
+    if budget >= L:
+        assert indices is None
+        return
+    n_layers, H = model.args.n_layers, model.args.n_kv_heads
+    per_head = torch.stack([(idx < L).sum(-1) for idx in indices])  # [layers, B, H]
+    for idx in indices:
+        valid = idx[idx < L]
+        assert valid.min() >= 0
+        for h in range(H):
+            row = idx[0, h][idx[0, h] < L]
+            assert torch.equal(row, row.unique(sorted=True)), "indices must be sorted and unique"
+            assert (idx[0, h][len(row):] == L).all(), "padding sits at the end"
+    if method in ("streaming", "h2o", "snapkv", "laq", "laqpp"):
+        assert (per_head == budget).all()
+    elif method == "pyramidkv":
+        budgets = lqc.budgets_pyramid(n_layers, budget, cfg.window, cfg.beta)
+        if max(budgets) < L:
+            assert per_head.sum().item() == n_layers * H * budget
+    else:  # adakv: each layer's total is preserved, heads may differ
+        assert (per_head.sum(-1) == H * budget).all()
+    window = {"streaming": budget - min(4, budget), "laq": 0, "laqpp": 4}.get(method, cfg.window)
+    window = min(window, int(per_head.min()))
+    for idx in indices:
+        for h in range(H):
+            assert set(range(L - window, L)) <= set(idx[0, h].tolist())
+    if method == "streaming":
+        for idx in indices:
+            assert set(range(min(4, budget))) <= set(idx[0, 0].tolist())
+    for l, idx in enumerate(indices):  # no pseudo token survives; the one decoded token sits after
+        assert cache.pos[l][..., : idx.shape[-1]].max() < L and (cache.pos[l][..., idx.shape[-1]:] == L).all()
+
+
+@FAST
+@given(L=st.integers(12, 70), budget=st.integers(2, 30), group=GROUPS, method=st.sampled_from(EVICTING))
+def test_compacted_cache_equals_full_cache_with_evicted_positions_masked(L, budget, group, method):
+    model = tiny(*group)
+    ids = rand_ids(model, L, budget)
+    cfg = small_cfg(method, budget)
+    logits, tokens, pre, cache, indices = evict_and_decode(model, ids, cfg, steps=5)
+    if indices is None:
+        return
+    # the full cache, with every evicted entry hidden by its position (-1 = never attended)
+    masked = M.KVCache(model.args.n_layers)
+    for l, idx in enumerate(indices):
+        keep = torch.zeros(1, model.args.n_kv_heads, L + 1, dtype=torch.bool).scatter_(2, idx, True)[..., :L]
+        masked.k[l], masked.v[l] = pre.cache.k[l][:, :, :L].clone(), pre.cache.v[l][:, :, :L].clone()
+        masked.pos[l] = torch.where(keep, pre.cache.pos[l][:, :, :L], -1)
+    for i, tok in enumerate(tokens):
+        ref = model(torch.tensor([[tok]]), torch.tensor([[L + i]]), masked)[:, -1]
+        torch.testing.assert_close(logits[i + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+@FAST
+@given(T=st.integers(1, 9), L=st.integers(1, 40), group=GROUPS, seed=st.integers(0, 100))
+def test_gqa_scores_equal_repeated_keys_summed_over_groups(T, L, group, seed):
+    Hq, Hkv = group
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, Hq, T, 16, generator=g), torch.randn(2, Hkv, L, 16, generator=g)
+    q_pos = torch.randint(0, L, (2, T), generator=g)
+    k_pos = torch.arange(L).expand(2, Hkv, L)
+    got = lqc.attention_mass(q, k, q_pos, k_pos)  # [2, H_kv, L]
+    k_rep = k.repeat_interleave(Hq // Hkv, dim=1)  # [2, H_q, L, D]: the way the authors' code does it
+    att = (q @ k_rep.transpose(-1, -2)) / 4.0
+    att = att.masked_fill(torch.arange(L)[None, None, None, :] > q_pos[:, None, :, None], float("-inf")).softmax(-1)
+    want = att.sum(2).view(2, Hkv, Hq // Hkv, L).sum(2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@FAST
+@given(L=st.integers(2, 70), chunk=st.integers(1, 30), group=GROUPS)
+def test_chunked_h2o_mass_equals_dense(L, chunk, group):
+    model = tiny(*group)
+    ids = rand_ids(model, L, chunk)
+    pre = G.prefill(model, ids, chunk=chunk, h2o=True)
+    _, qs = model(ids, torch.arange(L)[None], model.new_cache(), return_queries=True)
+    for l, q in enumerate(qs):  # dense: the whole L x L causal attention at once
+        k = pre.cache.k[l].repeat_interleave(group[0] // group[1], dim=1)
+        att = (q @ k.transpose(-1, -2) / 4.0).masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+        want = att.softmax(-1).sum(2).view(1, group[1], -1, L).sum(2)
+        torch.testing.assert_close(pre.mass[l], want, atol=1e-4, rtol=1e-5)
+
+
+def test_laq_lookahead_leaves_no_trace_and_uses_true_positions():
+    model = tiny(4, 2)
+    L = 50
+    ids = rand_ids(model, L)
+    pre = G.prefill(model, ids, chunk=16, keep_queries=32)
+    before = [(k.clone(), v.clone(), p.clone()) for k, v, p in zip(pre.cache.k, pre.cache.v, pre.cache.pos)]
+    snap = [lqc.select(lqc.score_snapkv(pre.obs_q[l], pre.cache.k[l], pre.obs_pos, pre.cache.pos[l], 32), 20, 32)
+            for l in range(2)]
+    pq, ppos = lqc.lookahead_queries(model, pre.cache, pre.logits, snap, torch.tensor([L]), 5)
+    assert ppos.tolist() == [[50, 51, 52, 53, 54]] and pq[0].shape == (1, 4, 5, 16)
+    for (k, v, p), k2, v2, p2 in zip(before, pre.cache.k, pre.cache.v, pre.cache.pos):
+        assert torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(p, p2)
+    # the pseudo queries are the queries a real decode on the compressed cache would make
+    scratch = pre.cache.gather(snap)
+    tok = pre.logits.argmax(-1)
+    _, q0 = model(tok[:, None], torch.tensor([[L]]), scratch, return_queries=True)
+    torch.testing.assert_close(pq[1][:, :, :1], q0[1])
+    # stops at EOS: make the second pseudo token an EOS
+    second = model(tok[:, None], torch.tensor([[L]]), pre.cache.gather(snap))[:, -1].argmax(-1).item()
+    pq, ppos = lqc.lookahead_queries(model, pre.cache, pre.logits, snap, torch.tensor([L]), 5, eos_ids=(second,))
+    assert ppos.shape[1] == 1
+
+
+def test_select_ragged_and_budget_allocators():
+    scores = torch.tensor([[[5.0, 1, 4, 0, 9, 2], [0, 0, 7, 8, 1, 3]]])  # [1, 2, 6]
+    idx = lqc.select(scores, torch.tensor([[3, 1]]), keep_last=1)
+    assert idx.tolist() == [[[0, 4, 5], [5, 6, 6]]]
+    assert lqc.select(scores, 2, keep_last=0).tolist() == [[[0, 4], [2, 3]]]
+    for n_layers, budget, window in [(30, 256, 32), (16, 64, 8), (5, 33, 32), (3, 10, 0)]:
+        b = lqc.budgets_pyramid(n_layers, budget, window)
+        assert sum(b) == n_layers * budget and b == sorted(b, reverse=True) and min(b) >= window
+    s = torch.rand(2, 3, 100)
+    s[..., -8:] = float("inf")
+    ada = lqc.budgets_adakv(s, 20, keep_last=8, alpha=0.2)
+    assert (ada.sum(-1) == 60).all() and (ada >= 8 + 2).all()
+    s[:, 0, :92] *= 100  # one head dominates: it takes the lion's share
+    ada = lqc.budgets_adakv(s, 20, keep_last=8, alpha=0.2)
+    assert (ada[:, 0] > 30).all() and (ada[:, 1:] >= 10).all()
+
+
+def test_pooling_and_window_in_scores():
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 1, 30, 16)
+    pos = torch.arange(22, 30)[None]
+    kpos = torch.arange(30).expand(1, 1, 30)
+    s = lqc.score_snapkv(q, k, pos, kpos, window=8, kernel=7)
+    assert torch.isinf(s[..., -8:]).all() and torch.isfinite(s[..., :-8]).all()
+    raw = lqc.attention_mass(q, k, pos, kpos)[..., :-8]
+    assert torch.allclose(s[..., :-8], torch.nn.functional.max_pool1d(raw, 7, 1, 3))
+    # LAQ: pseudo queries see every prompt key; LAQ++ adds the suffix queries and keeps their keys
+    laq = lqc.score_laq(q[:, :, :3], k, torch.tensor([[30, 31, 32]]), kpos, kernel=1)
+    assert torch.isfinite(laq).all() and torch.allclose(laq.sum(), torch.tensor(6.0))
+    laqpp = lqc.score_laq(q[:, :, :3], k, torch.tensor([[30, 31, 32]]), kpos, q[:, :, 3:], pos[:, 3:], kernel=1)
+    assert torch.isinf(laqpp[..., -5:]).all()
+
+
+def test_evict_config_validation():
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        lqc.EvictConfig("snapkv", 0)
+    with pytest.raises(ValueError, match="unknown method"):
+        lqc.EvictConfig("magic", 8)
