@@ -23,5 +23,11 @@ run: install
 test: install
 	$(PY) -m pytest -q test_lqc.py
 
+eval: install
+	$(PY) eval.py --out out/eval --plot-kept
+
+bench: install
+	$(PY) bench.py --out out/bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis __pycache__

@@ -201,6 +201,11 @@ class KVCache:
             out.pos[l] = torch.where(idx < T, self.pos[l].gather(2, safe), -1)
         return out
 
+    def clone(self) -> "KVCache":
+        out = KVCache(len(self.k))
+        out.k, out.v, out.pos = [t.clone() for t in self.k], [t.clone() for t in self.v], [t.clone() for t in self.pos]
+        return out
+
     def kept(self) -> torch.Tensor:
         """Valid entries per layer and KV head: `[n_layers, B, H_kv]`."""
         return torch.stack([(p >= 0).sum(-1) for p in self.pos])

@@ -577,3 +577,57 @@ def test_evict_config_validation():
         lqc.EvictConfig("snapkv", 0)
     with pytest.raises(ValueError, match="unknown method"):
         lqc.EvictConfig("magic", 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py
+
+import eval as E
+
+
+@pytest.mark.parametrize("name", list(E.TASKS))
+def test_task_generators_are_deterministic_and_hide_the_answer_at_depth(smollm2, name):
+    _, tok = smollm2
+    for depth in (0.0, 0.5, 1.0):
+        a, b = E.TASKS[name](tok, 1024, depth, 0), E.TASKS[name](tok, 1024, depth, 0)
+        assert a == b and a != E.TASKS[name](tok, 1024, depth, 1)
+        assert a.answer.strip() in a.context[a.needle_char:a.needle_char + 120]
+        rel = a.needle_char / len(a.context)
+        assert abs(rel - depth) < 0.12, (name, depth, rel)
+        n = len(tok.prompt_ids(a.context, chat=True, answer_prefix=a.answer_prefix))
+        assert 0.8 * 1024 < n <= 1024
+    texts = E.TASKS[name](tok, 1024, 0.5, 0).context.split(". ")
+    assert len(set(texts)) > 0.8 * len(texts)  # varied filler, not one repeated sentence
+
+
+def test_f1_and_recall_on_hand_made_cases():
+    assert E.f1_score("The Eiffel tower", "eiffel tower") == 1.0
+    assert E.f1_score("a red bicycle", "blue bicycle") == pytest.approx(0.5)
+    assert E.f1_score("nothing here", "answer") == 0.0
+    mass = [torch.tensor([[[0.5, 0.25, 0.25, 0.0]]])]  # [1, 1, 4]
+    assert E.attention_recall(mass, None) == 1.0
+    assert E.attention_recall(mass, [torch.tensor([[[0, 2]]])]) == pytest.approx(0.75)
+    assert E.attention_recall(mass, [torch.tensor([[[1, 4]]])]) == pytest.approx(0.25)  # 4 = padding
+
+
+def test_eval_end_to_end_on_tiny_model(tmp_path, tiny_ckpt, monkeypatch):
+    data = tmp_path / "lb.jsonl"
+    data.write_text("\n".join(json.dumps({"context": TEXT * 2, "input": "Who jumps?", "answers": ["the fox"]})
+                              for _ in range(2)))
+    args = E.parse_args(["--ckpt", tiny_ckpt, "--data", str(data), "--budgets", "16", "32", "--window", "8",
+                         "--agree-tokens", "6", "--out", str(tmp_path / "out"), "--lookahead", "3"])
+    summary = E.main(args)
+    assert summary[("full", "full")]["recall"] == 1.0 and summary[("full", "full")]["kl"] == 0.0
+    assert summary[("full", "full")]["agree"] == 1.0
+    for m in lqc.METHODS[1:]:
+        assert 0 < summary[(m, 16)]["recall"] < 1.0 and summary[(m, 16)]["kl"] > 0
+        assert summary[(m, 16)]["recall"] <= summary[(m, 32)]["recall"] + 0.05
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert len(rows) == 2 * (1 + 7 * 2)
+    assert (tmp_path / "out" / "accuracy_vs_budget.png").stat().st_size > 1000
+    # a budget covering the prompt: recall 1 and the full cache's outputs
+    args = E.parse_args(["--ckpt", tiny_ckpt, "--data", str(data), "--budgets", "4000", "--agree-tokens", "6",
+                         "--out", str(tmp_path / "out2"), "--methods", "full", "snapkv", "laqpp"])
+    summary = E.main(args)
+    for m in ("snapkv", "laqpp"):
+        assert summary[(m, 4000)]["recall"] == 1.0 and summary[(m, 4000)]["agree"] == 1.0

@@ -1,0 +1,466 @@
+"""Does eviction keep what decoding needs? Long-context retrieval, attention recall, fidelity.
+
+    python eval.py                                    # the default grid (make eval)
+    python eval.py --tasks passkey --lengths 4096 --depths 0.1 0.5 0.9 --budgets 64 128
+    python eval.py --data longbench_qasper.jsonl      # LongBench-format JSONL (context/input/answers)
+
+Per task instance the prompt is prefilled once with the full cache; every method then evicts from
+that cache and is scored on:
+  acc        greedy answer (after the answer prefix) contains the right answer (LongBench: token F1)
+  tf_logp    teacher-forced log-probability of the right answer's tokens (nats, summed)
+  tf_top1    share of the right answer's tokens that are the argmax
+  recall     share of the attention that the full-cache answer's first decode queries pay to prompt
+             keys which falls on the keys the method kept (mean over layers and KV heads)
+  agree      greedy tokens equal to the full cache's, as the common prefix / full-cache length (<= 64)
+  kl         mean KL(full || method) of next-token distributions, teacher-forced on the full-cache
+             continuation
+  evict%     eviction time as a share of prefill time
+First-token mode (--first-token): "redecode" (default) hides the last prompt entry after eviction
+and re-runs the last prompt token against the compacted cache, so every answer token depends on
+the eviction; "prefill" starts from the full-cache prefill logits, as generate.py does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import string
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import generate as G
+import lqc
+from model import CheckpointError, format_chat, load
+
+# ----------------------------------------------------------------------------------------------
+# Tasks, generated offline and deterministically from a seed
+
+_SUBJECTS = ["The old sailor", "A young teacher", "The baker", "My neighbour", "The mayor", "A quiet student",
+             "The gardener", "An engineer", "The painter", "A traveller", "The librarian", "The doctor"]
+_VERBS = ["walked along", "wrote about", "dreamed of", "painted", "photographed", "argued about", "cleaned",
+          "visited", "described", "remembered", "repaired", "sang about"]
+_OBJECTS = ["the river bank", "a red bicycle", "the winter market", "an empty theatre", "the northern hills",
+            "a broken clock", "the harbour lights", "a field of barley", "the stone bridge", "a tall ship",
+            "the village square", "a basket of apples"]
+_TAILS = ["before sunrise", "in the rain", "with great care", "for many hours", "after the storm",
+          "during the festival", "without a word", "at the end of summer", "once again", "with two friends"]
+_WORDS = ["lantern", "saffron", "compass", "violet", "thimble", "harbor", "meadow", "cobalt", "pepper",
+          "marble", "falcon", "quartz", "juniper", "walnut", "ember", "canvas"]
+_DISHES = ["the fish stew", "the spring soup", "the plum cake", "the lemon tart", "the bean salad", "the onion pie"]
+
+
+def filler_sentences(rng: random.Random):
+    """Endless varied sentences: a random subject, verb, object and tail each time, so the text
+    cannot be compressed away as one repeated sentence."""
+    while True:
+        yield f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}."
+
+
+@dataclass
+class Task:
+    name: str
+    context: str  # the whole user message
+    answer_prefix: str  # the reply starts with this
+    answer: str  # the right continuation of the prefix
+    length: int  # target prompt tokens
+    depth: float  # where the fact sits, 0 = start, 1 = end
+    needle_char: int = -1  # character offset of the fact in `context`
+
+
+def _overhead(tok, prefix: str) -> int:
+    """Tokens the chat template and the answer prefix add around the user message (+ slack for
+    merges at the seams)."""
+    return len(tok.prompt_ids("", chat=tok.chat_format is not None, answer_prefix=prefix)) + 4
+
+
+def _haystack(tok, rng, n_tokens: int, depth: float, needle: str, question: str, prefix: str) -> tuple[str, int]:
+    """Filler of about n_tokens prompt tokens with `needle` inserted at `depth` (between sentences)."""
+    budget = n_tokens - len(tok.encode(needle + " " + question)) - _overhead(tok, prefix)
+    sents, used = [], 0
+    for s in filler_sentences(rng):
+        used += len(tok.encode(" " + s))
+        if used > budget:
+            break
+        sents.append(s)
+    at = round(depth * len(sents))
+    before = " ".join(sents[:at])
+    text = (before + " " if before else "") + needle + " " + " ".join(sents[at:])
+    return text.strip() + "\n\n" + question, len(before) + (1 if before else 0)
+
+
+def make_passkey(tok, length, depth, seed) -> Task:
+    rng = random.Random(f"passkey-{length}-{depth}-{seed}")
+    key = str(rng.randint(10000, 99999))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    prefix = "The pass key is "  # numbers tokenize as a lone space then digits: end with that space
+    ctx, at = _haystack(tok, rng, length, depth, needle, "What is the pass key?", prefix)
+    return Task("passkey", ctx, prefix, key, length, depth, at)
+
+
+def make_needle(tok, length, depth, seed) -> Task:
+    rng = random.Random(f"needle-{length}-{depth}-{seed}")
+    dish, word = rng.choice(_DISHES), rng.choice(_WORDS)
+    needle = f"The secret ingredient of {dish} is {word}."
+    prefix = f"The secret ingredient of {dish} is"
+    ctx, at = _haystack(tok, rng, length, depth, needle, f"What is the secret ingredient of {dish}?", prefix)
+    return Task("needle", ctx, prefix, f" {word}", length, depth, at)
+
+
+def make_multikey(tok, length, depth, seed, n_keys=40) -> Task:
+    """RULER-style: many key-value lines spread through the filler; the one at `depth` is asked for."""
+    rng = random.Random(f"multikey-{length}-{depth}-{seed}")
+    keys = ["-".join("".join(rng.choices(string.ascii_lowercase, k=4)) for _ in range(2)) for _ in range(n_keys)]
+    values = [str(rng.randint(100000, 999999)) for _ in keys]
+    target = min(n_keys - 1, round(depth * (n_keys - 1)))
+    lines = [f"The value of key {k} is {v}." for k, v in zip(keys, values)]
+    question, prefix = f"What is the value of key {keys[target]}?", f"The value of key {keys[target]} is "
+    budget = length - sum(len(tok.encode(" " + x)) for x in lines) - len(tok.encode(question)) - _overhead(tok, prefix)
+    fill, used = [], 0
+    for s in filler_sentences(rng):
+        used += len(tok.encode(" " + s))
+        if used > budget:
+            break
+        fill.append(s)
+    parts, at = [], -1
+    for i, line in enumerate(lines):  # each line followed by an equal share of the filler
+        if i == target:
+            at = len(" ".join(parts)) + (1 if parts else 0)
+        parts += [line] + fill[i * len(fill) // n_keys:(i + 1) * len(fill) // n_keys]
+    ctx = " ".join(parts) + "\n\n" + question
+    return Task("multikey", ctx, prefix, values[target], length, depth, at)
+
+
+TASKS = {"passkey": make_passkey, "needle": make_needle, "multikey": make_multikey}
+
+
+def load_longbench(path: str, limit: int | None) -> list[Task]:
+    tasks = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                ctx = f"{r['context']}\n\nQuestion: {r['input']}" if r.get("input") else r["context"]
+                tasks.append(Task("longbench", ctx, "", r["answers"][0], 0, float("nan")))
+                tasks[-1].answers = r["answers"]
+            if limit and len(tasks) >= limit:
+                break
+    return tasks
+
+
+def normalize(text: str) -> list[str]:
+    """LongBench / SQuAD normalisation: lower case, no punctuation or articles, split on spaces."""
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def f1_score(prediction: str, truth: str) -> float:
+    p, t = normalize(prediction), normalize(truth)
+    common = sum(min(p.count(w), t.count(w)) for w in set(p))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(t)
+    return 2 * precision * recall / (precision + recall)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+def hide_last_prompt_entry(cache, L: int):
+    """Redecode mode: hide the entry of the last prompt token (position L-1); it is re-run
+    against the compacted cache, so the first answer token depends on the eviction too."""
+    out = cache.clone()
+    out.pos = [torch.where(p == L - 1, -1, p) for p in out.pos]
+    return out
+
+
+def continuation_logits(model, cache, first_logits, last_tok: int, tokens: list[int], L: int, mode: str):
+    """Next-token logits `[n, V]` predicting tokens[0..n-1], teacher-forced, on a copy of `cache`."""
+    dev = first_logits.device
+    if mode == "redecode":
+        cache = hide_last_prompt_entry(cache, L)
+        feed, start, head = [last_tok] + tokens[:-1], L - 1, []
+    else:
+        cache = cache.clone()
+        feed, start, head = tokens[:-1], L, [first_logits[0]]
+    if not feed:
+        return torch.stack(head)
+    x = torch.tensor([feed], device=dev)
+    out = model(x, torch.arange(start, start + len(feed), device=dev)[None], cache)[0]  # [n', V]
+    return torch.cat([torch.stack(head), out]) if head else out
+
+
+def greedy(model, cache, first_logits, last_tok: int, L: int, mode: str, n: int, eos_ids) -> list[int]:
+    dev = first_logits.device
+    if mode == "redecode":
+        cache = hide_last_prompt_entry(cache, L)
+        logits = model(torch.tensor([[last_tok]], device=dev), torch.tensor([[L - 1]], device=dev), cache)[:, -1]
+    else:
+        cache, logits = cache.clone(), first_logits
+    return G.decode(model, cache, logits, torch.tensor([L], device=dev), n, eos_ids)
+
+
+def attention_recall(ref_mass: list[torch.Tensor], indices) -> float:
+    """Share of the reference attention mass `[B, H_kv, L]` per layer on the kept indices."""
+    if indices is None:
+        return 1.0
+    shares = []
+    for mass, idx in zip(ref_mass, indices):
+        L = mass.shape[-1]
+        kept = mass.gather(2, idx.clamp(max=L - 1)) * (idx < L)
+        shares.append(kept.sum(-1) / mass.sum(-1))  # [B, H_kv]
+    return torch.stack(shares).mean().item()
+
+
+def reference_mass(model, pre, cont: list[int], L: int, n_queries: int) -> list[torch.Tensor]:
+    """Attention that the full-cache answer's first n decode queries pay to the prompt keys."""
+    dev = pre.logits.device
+    toks = cont[:n_queries] or [pre.logits.argmax(-1).item()]
+    cache = pre.cache.clone()
+    pos = torch.arange(L, L + len(toks), device=dev)[None]
+    _, qs = model(torch.tensor([toks], device=dev), pos, cache, return_queries=True)
+    return [lqc.attention_mass(q, cache.k[l], pos, cache.pos[l])[..., :L] for l, q in enumerate(qs)]
+
+
+def kl_mean(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
+@torch.no_grad()
+def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
+    """Prefill once, then score every method and budget against the full cache."""
+    ids = tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix)
+    with_answer = tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix + task.answer)
+    answer_ids = with_answer[len(ids):] if with_answer[:len(ids)] == ids else tok.encode(task.answer)
+    room = model.args.max_seq_len - args.agree_tokens - len(answer_ids)
+    if len(ids) > room:  # as LongBench does: cut the middle, keep both ends (and the chat format)
+        ids = ids[:room // 2] + ids[len(ids) - (room - room // 2):]
+    L, dev = len(ids), model.tok_embeddings.weight.device
+    x = torch.tensor([ids], device=dev)
+    t0 = time.perf_counter()
+    pre = G.prefill(model, x, args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp))
+    prefill_s = time.perf_counter() - t0
+    mass = None
+    if "h2o" in methods:  # H2O needs the mass of every prompt query: a second, instrumented prefill
+        mass = G.prefill(model, x, args.prefill_chunk, h2o=True).mass
+    last = ids[-1]
+    full_cont = greedy(model, pre.cache, pre.logits, last, L, args.first_token, args.agree_tokens, tok.eos_ids)
+    full_tf = continuation_logits(model, pre.cache, pre.logits, last, full_cont or [tok.eos_ids[0]], L, args.first_token)
+    ref = reference_mass(model, pre, full_cont, L, args.recall_queries)
+    rows = []
+    for method in methods:
+        for budget in ([budgets[-1]] if method == "full" else budgets):
+            cfg = lqc.EvictConfig(method, budget, args.window, args.window_laqpp, args.lookahead, args.pool_kernel, args.pool)
+            t1 = time.perf_counter()
+            state = G.Prefill(pre.logits, pre.cache, pre.obs_q, pre.obs_pos, mass)
+            cache, indices = G.evict(cfg, model, state, torch.tensor([L], device=dev), tok.eos_ids)
+            evict_s = time.perf_counter() - t1
+            out = greedy(model, cache, pre.logits, last, L, args.first_token, args.agree_tokens, tok.eos_ids)
+            text = tok.decode(out)
+            tf = continuation_logits(model, cache, pre.logits, last, answer_ids, L, args.first_token).log_softmax(-1)
+            ans = torch.tensor(answer_ids, device=dev)
+            cont_tf = continuation_logits(model, cache, pre.logits, last, full_cont or [tok.eos_ids[0]], L, args.first_token)
+            ref_seq = full_cont + [-1]  # the full cache's EOS (or cut) counts as a token to agree on
+            common = next((i for i, (a, b) in enumerate(zip(out + [-1], ref_seq)) if a != b), len(ref_seq))
+            answers = getattr(task, "answers", [task.answer])
+            acc = max(f1_score(text, a) for a in answers) if task.name == "longbench" else float(task.answer.strip() in text)
+            rows.append(dict(task=task.name, length=task.length, prompt_tokens=L, depth=task.depth, method=method,
+                             budget=budget if method != "full" else L, acc=acc,
+                             tf_logp=tf.gather(1, ans[:, None]).sum().item(),
+                             tf_top1=(tf.argmax(-1) == ans).float().mean().item(),
+                             recall=attention_recall(ref, indices), agree=common / len(ref_seq),
+                             kl=kl_mean(full_tf, cont_tf), evict_share=evict_s / prefill_s,
+                             prefill_s=prefill_s, evict_s=evict_s, output=text[:200], first_token=args.first_token))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+METRICS = ("acc", "tf_logp", "tf_top1", "recall", "agree", "kl", "evict_share")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean of each metric per (method, budget); full cache under budget 'full'."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], "full" if r["method"] == "full" else r["budget"])].append(r)
+    return {k: {m: sum(r[m] for r in v) / len(v) for m in METRICS} | {"n": len(v)} for k, v in groups.items()}
+
+
+def markdown_table(summary: dict, methods, budgets) -> str:
+    head = "| method | budget | n | acc | tf_logp | tf_top1 | recall | agree | KL | evict % of prefill |"
+    lines = [head, "|" + "---|" * 10]
+    for m in methods:
+        for b in (["full"] if m == "full" else budgets):
+            s = summary.get((m, b))
+            if s:
+                lines.append(f"| {m} | {b} | {s['n']} | {s['acc']:.2f} | {s['tf_logp']:.2f} | {s['tf_top1']:.2f} | "
+                             f"{s['recall']:.3f} | {s['agree']:.2f} | {s['kl']:.3f} | {100 * s['evict_share']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(summary, methods, budgets, path: Path, metric="acc"):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, (metric, "recall")):
+        for m in methods:
+            if m == "full":
+                ax.axhline(summary[("full", "full")][metric], color="k", ls="--", label="full")
+                continue
+            ax.plot(budgets, [summary[(m, b)][metric] for b in budgets], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xlabel("budget (kept entries per KV head per layer)")
+        ax.set_ylabel(metric)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_heatmaps(rows, methods, budget, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.2 * len(methods), 2.6), squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        grid = torch.full((len(depths), len(lengths)), float("nan"))
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                sel = [r["acc"] for r in rows if r["method"] == m and r["depth"] == d and r["length"] == n
+                       and (m == "full" or r["budget"] == budget)]
+                if sel:
+                    grid[i, j] = sum(sel) / len(sel)
+        ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_title(m if m == "full" else f"{m}@{budget}", fontsize=8)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=6)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=6)
+    axes[0][0].set_ylabel("depth")
+    fig.supxlabel("context length (tokens)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
+    """Which prompt positions each layer and KV head kept, per method, for one example."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ids = tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix)
+    L, dev = len(ids), model.tok_embeddings.weight.device
+    x = torch.tensor([ids], device=dev)
+    methods = [m for m in methods if m != "full"]
+    fig, axes = plt.subplots(len(methods), 1, figsize=(10, 1.4 * len(methods)), squeeze=False)
+    for ax, m in zip(axes[:, 0], methods):
+        pre = G.prefill(model, x, args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp), h2o=m == "h2o")
+        cfg = lqc.EvictConfig(m, budget, args.window, args.window_laqpp, args.lookahead, args.pool_kernel, args.pool)
+        _, indices = G.evict(cfg, model, pre, torch.tensor([L], device=dev), tok.eos_ids)
+        rows = torch.zeros(len(indices) * indices[0].shape[1], L)
+        for l, idx in enumerate(indices):
+            for h in range(idx.shape[1]):
+                keep = idx[0, h][idx[0, h] < L]
+                rows[l * idx.shape[1] + h, keep.cpu()] = 1
+        ax.imshow(rows.numpy(), aspect="auto", cmap="Greys", interpolation="nearest")
+        if task.needle_char >= 0:  # mark the fact: the tokens of the prompt text before it
+            text = format_chat(tok.chat_format, task.context, tok.system_prompt) if tok.chat_format else task.context
+            ax.axvline(len(tok.encode(text[: text.index(task.context) + task.needle_char])), color="red", lw=0.8)
+        ax.set_ylabel(m, fontsize=8)
+        ax.set_yticks([])
+    axes[-1, 0].set_xlabel(f"prompt position (red: the fact); rows: layer x KV head; budget {budget}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    p = G.ArgParser(description="Evaluate KV-cache eviction methods on long-context retrieval and fidelity.")
+    p.add_argument("--ckpt", default="smollm2")
+    p.add_argument("--tasks", nargs="+", default=["passkey", "needle", "multikey"], choices=list(TASKS))
+    p.add_argument("--data", help="LongBench-format JSONL (context / input / answers) instead of generated tasks")
+    p.add_argument("--limit", type=int, default=None, help="at most this many JSONL examples")
+    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048], help="prompt lengths in tokens")
+    p.add_argument("--depths", nargs="+", type=float, default=[0.25, 0.75])
+    p.add_argument("--seeds", type=int, default=1, help="instances per task x length x depth")
+    p.add_argument("--methods", nargs="+", default=list(lqc.METHODS), choices=lqc.METHODS)
+    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256])
+    p.add_argument("--first-token", default="redecode", choices=["redecode", "prefill"])
+    p.add_argument("--agree-tokens", type=int, default=64)
+    p.add_argument("--recall-queries", type=int, default=16)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--window-laqpp", type=int, default=8)
+    p.add_argument("--lookahead", type=int, default=8)
+    p.add_argument("--pool", default="max", choices=["max", "avg"])
+    p.add_argument("--pool-kernel", type=int, default=7)
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default="out/eval", help="folder for results.json, results.md and figures")
+    p.add_argument("--plot-kept", action="store_true", help="also draw which positions each layer and head kept")
+    return p.parse_args(argv)
+
+
+def build_tasks(args, tok) -> list[Task]:
+    if args.data:
+        try:
+            return load_longbench(args.data, args.limit)
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read --data {args.data}: {e}") from None
+    return [TASKS[t](tok, n, d, s) for t in args.tasks for n in args.lengths for d in args.depths for s in range(args.seeds)]
+
+
+def main(args) -> dict:
+    from tqdm import tqdm
+    if any(b <= 0 for b in args.budgets) or any(n <= 0 for n in args.lengths):
+        raise ValueError("--budgets and --lengths must be > 0")
+    if any(not 0 <= d <= 1 for d in args.depths):
+        raise ValueError("--depths must lie in [0, 1]")
+    budgets = sorted(args.budgets)
+    dev, dt = G.check_device(args.device, args.dtype)
+    model, tok = load(args.ckpt, dev, dt)
+    if not args.data and max(args.lengths) + args.agree_tokens > model.args.max_seq_len:
+        raise ValueError(f"--lengths up to {max(args.lengths)} + {args.agree_tokens} tokens exceed the model's context of {model.args.max_seq_len}")
+    tasks = build_tasks(args, tok)
+    rows = []
+    for task in tqdm(tasks, desc="eval", unit="prompt"):
+        rows += evaluate_task(model, tok, task, args.methods, budgets, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    table = markdown_table(summary, args.methods, budgets)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows,
+                                                  "summary": {f"{m}@{b}": s for (m, b), s in summary.items()}}, indent=1))
+    (out / "results.md").write_text(table + "\n")
+    plot_accuracy(summary, args.methods, budgets, out / "accuracy_vs_budget.png")
+    if not args.data:
+        plot_heatmaps(rows, args.methods, budgets[0], out / "heatmap.png")
+    if args.plot_kept and not args.data:
+        plot_kept(model, tok, tasks[0], args.methods, budgets[0], args, out / "kept.png")
+    print(table)
+    print(f"wrote {out}/results.json, results.md and figures", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    a = parse_args()
+    try:
+        main(a)
+    except (ValueError, CheckpointError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
