@@ -203,7 +203,7 @@ def greedy(model, cache, first_logits, last_tok: int, L: int, mode: str, n: int,
         logits = model(torch.tensor([[last_tok]], device=dev), torch.tensor([[L - 1]], device=dev), cache)[:, -1]
     else:
         cache, logits = cache.clone(), first_logits
-    return G.decode(model, cache, logits, torch.tensor([L], device=dev), n, eos_ids)
+    return G.decode(model, cache, logits, torch.tensor([L], device=dev), n, eos_ids)[0]
 
 
 def attention_recall(ref_mass: list[torch.Tensor], indices) -> float:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 import lqc
+import model as M
 from model import CheckpointError, load
 
 DEMO_PROMPT = """Read the notes and answer the question.
@@ -47,13 +48,17 @@ class Prefill:
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor, chunk: int = 512, keep_queries: int = 0, h2o: bool = False) -> Prefill:
-    """Run the prompt `[B, L]` through the model in chunks of `chunk` tokens (attention is then
-    chunk x L, never L x L). Keeps the last `keep_queries` queries per layer and, for H2O, the
-    attention mass every key receives from all prompt queries."""
+def prefill(model, ids: torch.Tensor, chunk: int = 512, keep_queries: int = 0, h2o: bool = False,
+            pad: torch.Tensor | None = None) -> Prefill:
+    """Run the prompts `[B, L]` through the model in chunks of `chunk` tokens (attention is then
+    chunk x L, never L x L). Rows may be left-padded by `pad[b]` tokens: padding gets position -1
+    and is never seen by real tokens. Keeps the last `keep_queries` queries per layer and, for H2O,
+    the attention mass every key receives from all prompt queries."""
     B, L = ids.shape
     cache = model.new_cache()
     pos_all = torch.arange(L, device=ids.device).expand(B, L)  # [B, L]
+    if pad is not None:
+        pos_all = (pos_all - pad[:, None]).clamp(min=-1)
     obs_q, mass = None, None
     want_q = keep_queries > 0 or h2o
     for s in range(0, L, chunk):
@@ -89,19 +94,25 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
 
 @torch.no_grad()
 def decode(model, cache, logits, next_pos, max_new_tokens, eos_ids=(), temperature=0.0, top_k=0, top_p=1.0,
-           gen=None, on_token=None) -> list[int]:
-    """Decode from the prefill logits `[B, V]` (batch 1 for the text), one token per step, the cache
-    growing by one entry per token; stop at EOS or after max_new_tokens."""
-    out = []
+           gen=None, on_token=None, step=None) -> list[list[int]]:
+    """Decode from the prefill logits `[B, V]`, one token per row and step, the cache growing by
+    one entry per token; a row stops at EOS, all stop after max_new_tokens. `on_token` sees row 0.
+    `step(tokens [B, 1], pos [B, 1], cache) -> logits [B, V]` may be a compiled decode step."""
+    step = step or (lambda t, p, c: model(t, p, c)[:, -1])
+    B = logits.shape[0]
+    out, done = [[] for _ in range(B)], [False] * B
     for i in range(max_new_tokens):
         tok = sample(logits, temperature, top_k, top_p, gen)  # [B]
-        if tok[0].item() in eos_ids:
+        for b, t in enumerate(tok.tolist()):
+            done[b] = done[b] or t in eos_ids
+            if not done[b]:
+                out[b].append(t)
+        if all(done):
             break
-        out.append(tok[0].item())
-        if on_token:
-            on_token(out)
+        if on_token and not done[0]:
+            on_token(out[0])
         if i + 1 < max_new_tokens:
-            logits = model(tok[:, None], (next_pos + i)[:, None], cache)[:, -1]
+            logits = step(tok[:, None], (next_pos + i)[:, None], cache)
     return out
 
 
@@ -122,31 +133,73 @@ class Stats:
                 f"evict {self.evict_s:.3f} s | decode {self.new_tokens} tok at {tps:.1f} tok/s")
 
 
-def evict(cfg: lqc.EvictConfig, model, pre: Prefill, next_pos, eos_ids):
+def evict(cfg: lqc.EvictConfig, model, pre: Prefill, next_pos, eos_ids, fused=False):
     """The eviction step between prefill and decode: returns the compacted cache and the kept indices."""
-    indices = lqc.plan_eviction(cfg, model, pre.cache, pre.logits, pre.obs_q, pre.obs_pos, pre.mass, next_pos, eos_ids)
+    indices = lqc.plan_eviction(cfg, model, pre.cache, pre.logits, pre.obs_q, pre.obs_pos, pre.mass, next_pos, eos_ids,
+                                fused=fused)
     return (pre.cache, None) if indices is None else (pre.cache.gather(indices), indices)
 
 
-@torch.no_grad()
-def run(model, ids: list[int], cfg: lqc.EvictConfig, max_new_tokens=256, prefill_chunk=512, eos_ids=(),
-        temperature=0.0, top_k=0, top_p=1.0, seed=None, on_token=None):
-    """Prefill, evict, decode one prompt. Returns (new token ids, Stats)."""
+def flex_available(device: torch.device) -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return device.type in ("cpu", "cuda")
+
+
+def make_step(model, compile: bool):
+    """The single-token decode step, compiled on request (CUDA graphs on CUDA). Its shapes never
+    change over a StaticKVCache, so it compiles once."""
+    def step(tokens, pos, cache):
+        return model(tokens, pos, cache)[:, -1]
+    if not compile:
+        return step
     device = model.tok_embeddings.weight.device
-    x = torch.tensor([ids], device=device)  # [1, L]
-    next_pos = torch.tensor([len(ids)], device=device)
-    stats = Stats(prompt_tokens=len(ids))
+    return torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+def to_static(model, cache, extra: int, flex: bool):
+    """Pack a (compacted) cache into the fast path's fixed-capacity buffers."""
+    return M.StaticKVCache.from_cache(cache, extra, model.args.n_heads // model.args.n_kv_heads, flex=flex)
+
+
+@torch.no_grad()
+def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, max_new_tokens=256, prefill_chunk=512,
+              eos_ids=(), temperature=0.0, top_k=0, top_p=1.0, seed=None, on_token=None, fast=False, compile=False,
+              step=None):
+    """Prefill, evict, decode a batch of prompts (left-padded; each row evicted on its own).
+    fast: fused eviction and a static cache; compile: also a compiled decode step over
+    FlexAttention. Returns (new token ids per row, Stats)."""
+    device = model.tok_embeddings.weight.device
+    L = max(len(p) for p in prompts)
+    pad = torch.tensor([L - len(p) for p in prompts], device=device)
+    x = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)  # [B, L]
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)
+    stats = Stats(prompt_tokens=L)
+    fast = fast or compile
     t0 = time.perf_counter()
-    pre = prefill(model, x, prefill_chunk, cfg.obs_window, h2o=cfg.method == "h2o")
+    pre = prefill(model, x, prefill_chunk, cfg.obs_window, h2o=cfg.method == "h2o", pad=pad if pad.any() else None)
     t1 = time.perf_counter()
-    cache, _ = evict(cfg, model, pre, next_pos, eos_ids)
+    cache, _ = evict(cfg, model, pre, next_pos, eos_ids, fused=fast)
+    if fast:
+        cache = to_static(model, cache, max_new_tokens, flex=compile and flex_available(device))
     t2 = time.perf_counter()
-    stats.kept = int(cache.kept()[:, 0].float().mean().round())  # mean over layers and KV heads
+    stats.kept = int(cache.kept()[:, 0].float().mean().round())  # row 0, mean over layers and KV heads
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    out = decode(model, cache, pre.logits, next_pos, max_new_tokens, eos_ids, temperature, top_k, top_p, gen, on_token)
+    if step is None and fast:
+        step = make_step(model, compile)
+    out = decode(model, cache, pre.logits, next_pos, max_new_tokens, eos_ids, temperature, top_k, top_p, gen, on_token,
+                 step)
     t3 = time.perf_counter()
-    stats.prefill_s, stats.evict_s, stats.decode_s, stats.new_tokens = t1 - t0, t2 - t1, t3 - t2, len(out)
+    stats.prefill_s, stats.evict_s, stats.decode_s, stats.new_tokens = t1 - t0, t2 - t1, t3 - t2, len(out[0])
     return out, stats
+
+
+def run(model, ids: list[int], cfg: lqc.EvictConfig, max_new_tokens=256, prefill_chunk=512, eos_ids=(), **kw):
+    """One prompt: (new token ids, Stats)."""
+    out, stats = run_batch(model, [ids], cfg, max_new_tokens, prefill_chunk, eos_ids, **kw)
+    return out[0], stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +252,9 @@ def parse_args(argv=None):
     p.add_argument("--pool", default="max", choices=["max", "avg"])
     p.add_argument("--pool-kernel", type=int, default=7)
     p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--fast", action="store_true", help="fused eviction and a static compacted cache")
+    p.add_argument("--compile", action="store_true",
+                   help="--fast plus torch.compile of the decode step over FlexAttention (compiles for 30-60 s on CPU)")
     return p.parse_args(argv)
 
 
@@ -231,7 +287,8 @@ def check_device(device: str, dtype: str):
 
 
 def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, temperature, top_k, top_p, seed, chat, device,
-         dtype, method, budget, window, window_laqpp, lookahead, pool, pool_kernel, prefill_chunk):
+         dtype, method, budget, window, window_laqpp, lookahead, pool, pool_kernel, prefill_chunk, fast=False,
+         compile=False):
     cfg = lqc.EvictConfig(method, budget, window, window_laqpp, lookahead, pool_kernel, pool)
     if max_new_tokens <= 0 or prefill_chunk <= 0:
         raise ValueError("--max-new-tokens and --prefill-chunk must be > 0")
@@ -249,8 +306,10 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
                          f"context of {limit}: shorten the prompt or lower --max-new-tokens")
     if answer_prefix:
         sys.stdout.write(answer_prefix)
-    out, stats = run(model, ids, cfg, max_new_tokens, prefill_chunk, tok.eos_ids, temperature, top_k, top_p, seed,
-                     on_token=Streamer(tok))
+    if compile and not flex_available(dev):
+        print(f"generate.py: FlexAttention is not available on {dev.type}; using dense attention", file=sys.stderr)
+    out, stats = run(model, ids, cfg, max_new_tokens, prefill_chunk, tok.eos_ids, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=seed, on_token=Streamer(tok), fast=fast, compile=compile)
     print(file=sys.stdout, flush=True)
     print(f"[{method}] {stats.line()}", file=sys.stderr)
 

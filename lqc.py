@@ -212,32 +212,53 @@ def lookahead_queries(model, cache, prompt_logits, snap_indices, next_pos, n, eo
     return [torch.cat(qs, dim=2) for qs in zip(*queries)], torch.cat(positions, dim=1)
 
 
-def plan_eviction(cfg: EvictConfig, model, cache, prompt_logits, obs_q, obs_pos, mass, next_pos, eos_ids=()):
+def map_layers(fn, fused: bool, *per_layer):
+    """fn applied to every layer: a readable loop, or (fused) one call with the layers stacked
+    along the batch axis, which turns n_layers small kernels into one large one. Same result."""
+    if not fused:
+        return [fn(*args) for args in zip(*per_layer)]
+    return list(fn(*[torch.cat(x, dim=0) for x in per_layer]).chunk(len(per_layer[0]), dim=0))
+
+
+def plan_eviction(cfg: EvictConfig, model, cache, prompt_logits, obs_q, obs_pos, mass, next_pos, eos_ids=(), fused=False):
     """Kept indices per layer (a list of `[B, H_kv, K]`), or None when nothing is evicted.
     obs_q: the last prompt queries per layer `[B, H_q, w, D]` at obs_pos `[B, w]`; mass: H2O's
-    accumulated attention per layer `[B, H_kv, L]`; next_pos `[B]`: the first position after the prompt."""
-    L, n_layers = cache.length, len(cache.k)
+    accumulated attention per layer `[B, H_kv, L]`; next_pos `[B]`: the first position after the prompt
+    (rows of a batch may be left-padded: padding has position -1 and is never kept over a real entry).
+    fused: score and select all layers at once (the fast path); the kept indices are the same."""
+    L, n = cache.length, len(cache.k)
     if cfg.method == "full" or L <= cfg.budget:
         return None
-    b = cfg.budget
+    b, w, kernel, pool = cfg.budget, cfg.window, cfg.kernel, cfg.pool
+    obs_pos = [obs_pos] * n
+
+    def each(fn, *per_layer):
+        return map_layers(fn, fused, *per_layer)
+
+    def pick(scores, k_pos, budget, keep_last):
+        return select(scores.masked_fill(k_pos < 0, float("-inf")), budget, keep_last)
+
     if cfg.method == "streaming":
-        return [select(score_streaming(cache.pos[l], cfg.sinks), b, keep_last=b - min(cfg.sinks, b)) for l in range(n_layers)]
+        return each(lambda p: pick(score_streaming(p, cfg.sinks), p, b, b - min(cfg.sinks, b)), cache.pos)
     if cfg.method == "h2o":
-        return [select(score_h2o(mass[l], cfg.window), b, cfg.window) for l in range(n_layers)]
-    snap = [score_snapkv(obs_q[l], cache.k[l], obs_pos, cache.pos[l], cfg.window, cfg.kernel, cfg.pool) for l in range(n_layers)]
+        return each(lambda m, p: pick(score_h2o(m, w), p, b, w), mass, cache.pos)
+    snap = each(lambda q, k, qp, kp: score_snapkv(q, k, qp, kp, w, kernel, pool), obs_q, cache.k, obs_pos, cache.pos)
     if cfg.method == "snapkv":
-        return [select(s, b, cfg.window) for s in snap]
+        return each(lambda s, p: pick(s, p, b, w), snap, cache.pos)
     if cfg.method == "pyramidkv":
-        return [select(s, lb, cfg.window) for s, lb in zip(snap, budgets_pyramid(n_layers, b, cfg.window, cfg.beta))]
+        full = lambda s, lb: torch.full(s.shape[:2], lb, device=s.device)  # [B, H_kv] budget of one layer
+        budgets = [full(s, lb) for s, lb in zip(snap, budgets_pyramid(n, b, w, cfg.beta))]
+        return each(lambda s, p, lb: pick(s, p, lb, w), snap, cache.pos, budgets)
     if cfg.method == "adakv":
-        return [select(s, budgets_adakv(s, b, cfg.window, cfg.alpha), cfg.window) for s in snap]
-    # laq / laqpp
-    pseudo_q, pseudo_pos = lookahead_queries(model, cache, prompt_logits, [select(s, b, cfg.window) for s in snap],
-                                             next_pos, cfg.lookahead, eos_ids)
+        return each(lambda s, p: pick(s, p, budgets_adakv(s, b, w, cfg.alpha), w), snap, cache.pos)
+    # laq / laqpp: score the prompt keys with the queries of pseudo tokens decoded on a SnapKV copy
+    snap_kept = each(lambda s, p: pick(s, p, b, w), snap, cache.pos)
+    pseudo_q, pseudo_pos = lookahead_queries(model, cache, prompt_logits, snap_kept, next_pos, cfg.lookahead, eos_ids)
     w2 = cfg.window_laqpp if cfg.method == "laqpp" else 0
-    out = []
-    for l in range(n_layers):
-        suffix_q, suffix_pos = (obs_q[l][:, :, -w2:], obs_pos[:, -w2:]) if w2 else (None, None)
-        scores = score_laq(pseudo_q[l], cache.k[l], pseudo_pos, cache.pos[l], suffix_q, suffix_pos, cfg.kernel, cfg.pool)
-        out.append(select(scores, b, w2))
-    return out
+    pseudo_pos = [pseudo_pos] * n
+    if w2:
+        suffix_q, suffix_pos = [q[:, :, -w2:] for q in obs_q], [p[:, -w2:] for p in obs_pos]
+        score = lambda pq, k, pp, kp, sq, sp: pick(score_laq(pq, k, pp, kp, sq, sp, kernel, pool), kp, b, w2)
+        return each(score, pseudo_q, cache.k, pseudo_pos, cache.pos, suffix_q, suffix_pos)
+    score = lambda pq, k, pp, kp: pick(score_laq(pq, k, pp, kp, None, None, kernel, pool), kp, b, 0)
+    return each(score, pseudo_q, cache.k, pseudo_pos, cache.pos)

@@ -158,7 +158,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------
-# KV cache
+# KV caches. Both keep K/V per KV head with the absolute position of every entry (-1 = empty
+# slot) and own the attention over themselves (`attend`), so the model needs no cache-specific code.
+
+def position_mask(k_pos: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """Which keys each query sees, by absolute position: k_pos `[B, H_kv, S]`, q_pos `[B, T]` ->
+    `[B, H_kv, T, S]`. A padding query (position -1) sees only padding, which keeps its softmax finite."""
+    kp, qp = k_pos[:, :, None, :], q_pos[:, None, :, None]
+    return (kp <= qp) & ((kp >= 0) | (qp < 0))
+
+
+def cache_mask_mod(k_pos: torch.Tensor, q_pos: torch.Tensor, group: int):
+    """The same mask as a FlexAttention `mask_mod`; query head h reads KV head h // group. One
+    closure feeds both FlexAttention's block mask and the dense reference (`create_mask`)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        kp, qp = k_pos[b, h // group, kv_idx], q_pos[b, q_idx]
+        return (kp <= qp) & ((kp >= 0) | (qp < 0))
+    return mask_mod
+
 
 class KVCache:
     """Per layer K and V `[B, H_kv, T, D]` (keys post-RoPE) and the absolute position of every entry
@@ -183,10 +200,8 @@ class KVCache:
             self.pos[layer] = torch.cat([self.pos[layer], pos], dim=2)
         return self.k[layer], self.v[layer], self.pos[layer]
 
-    def mask(self, layer: int, q_pos: torch.Tensor) -> torch.Tensor:
-        """Which entries each query may see, by absolute position: `[B, H_kv, T_q, T]`."""
-        kpos = self.pos[layer][:, :, None, :]  # [B, H_kv, 1, T]
-        return (kpos >= 0) & (kpos <= q_pos[:, None, :, None])
+    def attend(self, layer: int, q, k, v, q_pos):
+        return grouped_attention(q, k, v, position_mask(self.pos[layer], q_pos))
 
     def gather(self, indices: list[torch.Tensor]) -> "KVCache":
         """A new cache holding, per layer, the entries `indices[l]` `[B, H_kv, K]` (sorted; index T
@@ -213,6 +228,86 @@ class KVCache:
     @property
     def length(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[2]
+
+
+class StaticKVCache(nn.Module):
+    """The fast path's cache: per layer fixed-capacity buffers K, V `[B, H_kv, C, D]`, a position per
+    slot `[B, H_kv, C]` (-1 = empty) and a valid length per head `[B, H_kv]`: each head's entries
+    fill a prefix of its slots, so heads may hold different numbers (Ada-KV, PyramidKV). New tokens
+    are written in place at each head's length: no reallocation and no shape change from one
+    decode step to the next (torch.compile friendly). One buffer per layer, not one stacked
+    tensor: compiled FlexAttention on CPU wants the mask's captured tensors to be graph inputs,
+    not views.
+    """
+
+    BLOCK = 128  # FlexAttention's KV block; the capacity is rounded up to a multiple of it
+
+    def __init__(self, n_layers, batch, n_kv_heads, capacity, head_dim, group, dtype, device, flex=False):
+        super().__init__()
+        C = -(-capacity // self.BLOCK) * self.BLOCK
+        self.group, self.flex = group, flex
+        for l in range(n_layers):
+            self.register_buffer(f"k{l}", torch.zeros(batch, n_kv_heads, C, head_dim, dtype=dtype, device=device))
+            self.register_buffer(f"v{l}", torch.zeros(batch, n_kv_heads, C, head_dim, dtype=dtype, device=device))
+            self.register_buffer(f"pos{l}", torch.full((batch, n_kv_heads, C), -1, dtype=torch.long, device=device))
+            self.register_buffer(f"length{l}", torch.zeros(batch, n_kv_heads, dtype=torch.long, device=device))
+        self.k = [getattr(self, f"k{l}") for l in range(n_layers)]
+        self.v = [getattr(self, f"v{l}") for l in range(n_layers)]
+        self.pos = [getattr(self, f"pos{l}") for l in range(n_layers)]
+        self.length = [getattr(self, f"length{l}") for l in range(n_layers)]
+
+    @classmethod
+    def from_cache(cls, cache: KVCache, extra: int, group: int, flex: bool = False) -> "StaticKVCache":
+        """Pack a (compacted) KVCache, leaving room for `extra` new tokens per head."""
+        B, H, _, D = cache.k[0].shape
+        valid = [p >= 0 for p in cache.pos]  # [B, H, S] per layer
+        width = max(int(m.sum(-1).max()) for m in valid)
+        out = cls(len(cache.k), B, H, width + extra, D, group, cache.k[0].dtype, cache.k[0].device, flex)
+        for l, m in enumerate(valid):
+            order = (~m).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]  # valid entries first, in order
+            w = order.shape[-1]  # layers may be narrower than the widest
+            take = order[..., None].expand(-1, -1, -1, D)
+            out.k[l][:, :, :w] = cache.k[l].gather(2, take)
+            out.v[l][:, :, :w] = cache.v[l].gather(2, take)
+            out.pos[l][:, :, :w] = torch.where(m.gather(2, order), cache.pos[l].gather(2, order), -1)
+            out.length[l].copy_(m.sum(-1))
+        return out
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Write k, v `[B, H_kv, T, D]` at positions `[B, T]` into each head's next free slots."""
+        T = k.shape[2]
+        slot = self.length[layer][..., None] + torch.arange(T, device=k.device)  # [B, H_kv, T]
+        self.k[layer].scatter_(2, slot[..., None].expand_as(k), k)
+        self.v[layer].scatter_(2, slot[..., None].expand_as(v), v)
+        self.pos[layer].scatter_(2, slot, pos[:, None, :].expand_as(slot))
+        self.length[layer] += T
+        return self.k[layer], self.v[layer], self.pos[layer]
+
+    def attend(self, layer: int, q, k, v, q_pos):
+        if not self.flex:
+            return grouped_attention(q, k, v, position_mask(self.pos[layer], q_pos))
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention(q, k, v, block_mask=self.block_mask(layer, q_pos), enable_gqa=True)
+
+    def block_mask(self, layer: int, q_pos):
+        """A BlockMask that visits, per query head, only the KV blocks up to its head's length; the
+        mask_mod masks inside them. Built from the lengths with `from_kv_blocks` (a few small tensor
+        ops) rather than `create_block_mask`, which evaluates the mask over the whole capacity and
+        costs far more per step."""
+        from torch.nn.attention.flex_attention import BlockMask
+        B, H, C = self.pos[layer].shape
+        n_blocks = -(-self.length[layer] // self.BLOCK)  # [B, H_kv]
+        n_blocks = n_blocks.repeat_interleave(self.group, dim=1)[:, :, None].to(torch.int32)  # [B, H_q, 1]
+        idx = torch.arange(C // self.BLOCK, device=q_pos.device, dtype=torch.int32).expand(B, H * self.group, 1, -1)
+        return BlockMask.from_kv_blocks(n_blocks, idx, BLOCK_SIZE=self.BLOCK, seq_lengths=(q_pos.shape[1], C),
+                                        mask_mod=cache_mask_mod(self.pos[layer], q_pos, self.group))
+
+    def kept(self) -> torch.Tensor:
+        return torch.stack(self.length)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +340,7 @@ class Attention(nn.Module):
         k = apply_rope(self.wk(x).view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # [B, H_kv, T, D]
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, H_kv, T, D]
         k_all, v_all, _ = cache.update(self.layer, k, v, pos)  # [B, H_kv, S, D]
-        y = grouped_attention(q, k_all, v_all, cache.mask(self.layer, pos))  # [B, H_q, T, D]
+        y = cache.attend(self.layer, q, k_all, v_all, pos)  # [B, H_q, T, D]
         return self.wo(y.transpose(1, 2).reshape(B, T, Hq * D)), q
 
 
