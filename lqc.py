@@ -113,7 +113,9 @@ def select(scores: torch.Tensor, budget, keep_last: int = 0) -> torch.Tensor:
     keep_last = min(keep_last, int(budget.min()))
     n_top = budget - keep_last  # [B, H]
     k_max = int(n_top.max())
-    top = scores[..., : L - keep_last].topk(k_max, dim=-1).indices  # [B, H, k_max]
+    # a stable sort, not topk: ties (max-pooling makes many) go to the earlier position, so the
+    # choice does not depend on where a row sits in a padded batch
+    top = scores[..., : L - keep_last].sort(dim=-1, descending=True, stable=True).indices[..., :k_max]  # [B, H, k_max]
     rank = torch.arange(k_max, device=scores.device)
     top = torch.where(rank < n_top[..., None], top, L)
     last = torch.arange(L - keep_last, L, device=scores.device).expand(B, H, keep_last)
@@ -223,12 +225,27 @@ def map_layers(fn, fused: bool, *per_layer):
 def plan_eviction(cfg: EvictConfig, model, cache, prompt_logits, obs_q, obs_pos, mass, next_pos, eos_ids=(), fused=False):
     """Kept indices per layer (a list of `[B, H_kv, K]`), or None when nothing is evicted.
     obs_q: the last prompt queries per layer `[B, H_q, w, D]` at obs_pos `[B, w]`; mass: H2O's
-    accumulated attention per layer `[B, H_kv, L]`; next_pos `[B]`: the first position after the prompt
-    (rows of a batch may be left-padded: padding has position -1 and is never kept over a real entry).
+    accumulated attention per layer `[B, H_kv, L]`; next_pos `[B]`: the first position after the prompt.
+    Rows of a batch may be left-padded (padding has position -1): each row is evicted as if it were
+    alone, and a row no longer than the budget keeps everything.
     fused: score and select all layers at once (the fast path); the kept indices are the same."""
-    L, n = cache.length, len(cache.k)
-    if cfg.method == "full" or L <= cfg.budget:
+    if cfg.method == "full" or cache.length <= cfg.budget:
         return None
+    indices = _score_and_select(cfg, model, cache, prompt_logits, obs_q, obs_pos, mass, next_pos, eos_ids, fused)
+    valid = cache.pos[0][:, 0] >= 0  # [B, L]
+    short = valid.sum(-1) <= cfg.budget  # [B]
+    if short.any():
+        L = valid.shape[-1]
+        every = torch.where(valid, torch.arange(L, device=valid.device), L).sort(-1).values  # [B, L] valid first
+        for idx in indices:
+            K = min(idx.shape[-1], L)
+            idx[short] = L
+            idx[short, :, :K] = every[short, None, :K]
+    return indices
+
+
+def _score_and_select(cfg, model, cache, prompt_logits, obs_q, obs_pos, mass, next_pos, eos_ids, fused):
+    n = len(cache.k)
     b, w, kernel, pool = cfg.budget, cfg.window, cfg.kernel, cfg.pool
     obs_pos = [obs_pos] * n
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import generate as G
 import lqc
@@ -631,3 +631,103 @@ def test_eval_end_to_end_on_tiny_model(tmp_path, tiny_ckpt, monkeypatch):
     summary = E.main(args)
     for m in ("snapkv", "laqpp"):
         assert summary[(m, 4000)]["recall"] == 1.0 and summary[(m, 4000)]["agree"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path equals the readable path
+
+def readable_row(model, ids, cfg, steps):
+    """The reference: one prompt, per-layer eviction, the growing KVCache."""
+    L = len(ids)
+    pre = G.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o")
+    cache, _ = G.evict(cfg, model, pre, torch.tensor([L]), (), fused=False)
+    kept = [[set(p[0, h][p[0, h] >= 0].tolist()) for h in range(p.shape[1])] for p in cache.pos]
+    logits, seen = [], []
+    step = lambda t, p, c: seen.append(model(t, p, c)[:, -1]) or seen[-1]
+    toks = G.decode(model, cache, pre.logits, torch.tensor([L]), steps, step=step)[0]
+    return kept, [pre.logits[0]] + [s[0] for s in seen], toks
+
+
+def fast_batch(model, prompts, cfg, steps, flex=False):
+    B, L = len(prompts), max(len(p) for p in prompts)
+    pad = torch.tensor([L - len(p) for p in prompts])
+    x = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    next_pos = torch.tensor([len(p) for p in prompts])
+    pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o", pad=pad)
+    cache, _ = G.evict(cfg, model, pre, next_pos, (), fused=True)
+    static = G.to_static(model, cache, steps, flex=flex)
+    kept = [[[set(p[b, h][p[b, h] >= 0].tolist()) for h in range(p.shape[1])] for p in static.pos] for b in range(B)]
+    seen = []
+    step = lambda t, p, c: seen.append(model(t, p, c)[:, -1]) or seen[-1]
+    toks = G.decode(model, static, pre.logits, next_pos, steps, step=step)
+    return kept, [[pre.logits[b]] + [s[b] for s in seen] for b in range(B)], toks
+
+
+@settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(lengths=st.lists(st.integers(10, 60), min_size=1, max_size=3), budget=st.integers(3, 40), group=GROUPS,
+       method=st.sampled_from(lqc.METHODS), seed=st.integers(0, 5))
+def test_fast_path_equals_readable_path(lengths, budget, group, method, seed):
+    model = tiny(*group, n_layers=3)
+    cfg = small_cfg(method, budget)
+    prompts = [rand_ids(model, n, seed + i)[0].tolist() for i, n in enumerate(lengths)]
+    kept, logits, toks = fast_batch(model, prompts, cfg, steps=32)
+    for b, ids in enumerate(prompts):  # every row as if it were alone
+        ref_kept, ref_logits, ref_toks = readable_row(model, ids, cfg, steps=32)
+        assert kept[b] == ref_kept, f"row {b}: kept positions differ"
+        assert toks[b] == ref_toks
+        for a, r in zip(logits[b], ref_logits):
+            torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,budget", [("snapkv", 12), ("adakv", 12), ("pyramidkv", 12), ("laqpp", 9)])
+def test_flex_attention_matches_dense_on_ragged_static_cache(method, budget):
+    model = tiny(6, 2, n_layers=3)
+    prompts = [rand_ids(model, 41, 1)[0].tolist(), rand_ids(model, 29, 2)[0].tolist()]
+    cfg = small_cfg(method, budget)
+    with torch.no_grad():
+        dense = fast_batch(model, prompts, cfg, steps=6, flex=False)
+        flex = fast_batch(model, prompts, cfg, steps=6, flex=True)
+    assert dense[0] == flex[0] and dense[2] == flex[2]
+    for a, b in zip(dense[1], flex[1]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_mod_feeds_both_the_dense_mask_and_the_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+    B, Hkv, G_, C = 2, 2, 3, 384
+    static = M.StaticKVCache(1, B, Hkv, C, 16, G_, torch.float32, "cpu")
+    lengths = torch.tensor([[5, 130], [200, 0]])
+    for b in range(B):
+        for h in range(Hkv):
+            static.pos[0][b, h, :lengths[b, h]] = torch.arange(lengths[b, h])
+    static.length[0].copy_(lengths)
+    q_pos = torch.tensor([[300], [300]])
+    mod = M.cache_mask_mod(static.pos[0], q_pos, G_)
+    dense = create_mask(mod, B, Hkv * G_, 1, C, device="cpu")  # [B, H_q, 1, C]
+    want = M.position_mask(static.pos[0], q_pos).repeat_interleave(G_, dim=1)
+    assert torch.equal(dense, want)
+    ours = static.block_mask(0, q_pos)
+    ref = create_block_mask(mod, B, Hkv * G_, 1, C, device="cpu")
+    # ours visits every block the reference needs, and no block past a head's length
+    assert torch.equal(ours.to_dense() | ref.to_dense(), ours.to_dense())
+    assert ours.kv_num_blocks[:, ::G_, 0].tolist() == [[1, 2], [2, 0]]
+
+
+def test_compiled_decode_step_compiles_once():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny(4, 2)
+    ids = rand_ids(model, 40)[0].tolist()
+    cfg = small_cfg("snapkv", 16)
+    ref, _ = G.run(model, ids, cfg, max_new_tokens=20)
+    graphs = []
+    compiled = G.make_step(model, compile=True)
+
+    def step(t, p, c):
+        out = compiled(t, p, c)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return out
+    out, stats = G.run(model, ids, cfg, max_new_tokens=20, fast=True, compile=True, step=step)
+    assert out == ref and len(graphs) == 19
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], f"recompiled: {graphs}"
