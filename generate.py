@@ -156,7 +156,9 @@ def make_step(model, compile: bool):
     if not compile:
         return step
     device = model.tok_embeddings.weight.device
-    return torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None)
+    # dynamic=False: a new capacity gets its own static graph; the CPU FlexAttention kernel does
+    # not compile with a symbolic KV length (torch 2.13)
+    return torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
 
 def to_static(model, cache, extra: int, flex: bool):

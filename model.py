@@ -287,7 +287,10 @@ class StaticKVCache(nn.Module):
         if not self.flex:
             return grouped_attention(q, k, v, position_mask(self.pos[layer], q_pos))
         from torch.nn.attention.flex_attention import flex_attention
-        return flex_attention(q, k, v, block_mask=self.block_mask(layer, q_pos), enable_gqa=True)
+        # CPU inductor (torch 2.13) emits C++ that fails to compile when its flash-decoding path
+        # splits the KV axis into several partitions; one partition spanning the capacity works
+        opts = {"PARTITION_SIZE": self.capacity} if q.device.type == "cpu" else None
+        return flex_attention(q, k, v, block_mask=self.block_mask(layer, q_pos), enable_gqa=True, kernel_options=opts)
 
     def block_mask(self, layer: int, q_pos):
         """A BlockMask that visits, per query head, only the KV blocks up to its head's length; the

@@ -1,0 +1,220 @@
+"""Speed and memory of eviction: prefill, eviction overhead, decode speed, KV bytes, peak memory.
+
+    python bench.py                                  # SmolLM2, 1k-8k prompts (make bench)
+    python bench.py --lengths 1024 2048 --budgets 128 --reps 3 --no-compile
+
+Numbers, not tests: medians of --reps repetitions, printed as a table and saved as JSON. Times on
+a shared machine are noisy; trust the ratios measured within one run.
+  prefill_s           prefill of the prompt (chunked, full cache)
+  evict_<m>           eviction time of method m as a share of prefill
+  decode tok/s        single-token steps over the static compacted cache, eager and compiled
+  kv_MB               K and V bytes kept (all layers), peak_MB: peak RSS (CPU) or max allocated (CUDA)
+  limit ratio         decode tok/s at the longest prompt with budget 256 / decode tok/s of a
+                      256-token prompt with the full cache (1.0: the long prompt costs nothing extra)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import generate as G
+import lqc
+from model import CheckpointError, load
+
+EVICT_METHODS = ("laq", "laqpp", "snapkv", "h2o")
+
+
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) of this process
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of the K and V entries a cache holds (valid entries only)."""
+    per_entry = 2 * cache.k[0].shape[-1] * cache.k[0].element_size()
+    return int(cache.kept().sum()) * per_entry
+
+
+@torch.no_grad()
+def decode_tok_s(model, cache, logits, next_pos, steps: int, warmup: int, step) -> float:
+    """Median single-token decode speed over `steps` timed steps after `warmup` untimed ones."""
+    device = logits.device
+    tok, times = logits.argmax(-1), []
+    for i in range(warmup + steps):
+        out, dt = timed(lambda: step(tok[:, None], (next_pos + i)[:, None], cache), device)
+        tok = out.argmax(-1)
+        if i >= warmup:
+            times.append(dt)
+    return 1.0 / statistics.median(times)
+
+
+def prompt_ids(tok, n: int, seed: int = 0) -> list[int]:
+    """A prompt of exactly n tokens: varied filler (eval.py's) with a question at the end."""
+    import random
+    from eval import filler_sentences
+    ids, fill = [], filler_sentences(random.Random(seed))
+    while len(ids) < n:
+        ids += tok.encode(" " + next(fill))
+    return ids[: n - 12] + tok.encode(" What did the baker repair?")[:12]
+
+
+@torch.no_grad()
+def bench_length(model, tok, n, args, steps_fns, device) -> list[dict]:
+    ids = torch.tensor([prompt_ids(tok, n)], device=device)
+    next_pos = torch.tensor([n], device=device)
+    window = max(args.window, 8)
+    rows, prefill_s, evict_s = [], [], {m: {b: [] for b in args.budgets} for m in args.methods}
+    caches = {}
+    for rep in range(args.reps):
+        peak_reset(device)
+        pre, dt = timed(lambda: G.prefill(model, ids, args.prefill_chunk, keep_queries=window), device)
+        prefill_s.append(dt)
+        peak_prefill = peak_mb(device)
+        for m in args.methods:
+            state = G.prefill(model, ids, args.prefill_chunk, h2o=True) if m == "h2o" else pre
+            if m == "h2o":
+                state.obs_q, state.obs_pos = pre.obs_q, pre.obs_pos
+            for b in args.budgets:
+                cfg = lqc.EvictConfig(m, b, window=args.window)
+                (cache, _), dt = timed(lambda: G.evict(cfg, model, state, next_pos, tok.eos_ids, fused=True), device)
+                evict_s[m][b].append(dt)
+                if rep == 0 and m == args.methods[0]:
+                    caches[b] = cache
+        caches["full"] = pre.cache
+    med_prefill = statistics.median(prefill_s)
+    for b in [*args.budgets, "full"]:
+        row = dict(length=n, budget=b, prefill_s=med_prefill, prefill_tok_s=n / med_prefill, peak_prefill_MB=peak_prefill)
+        for m in args.methods:
+            if b != "full":
+                row[f"evict_{m}"] = statistics.median(evict_s[m][b]) / med_prefill
+        row["kv_MB"] = kv_bytes(caches[b]) / 2**20
+        for name, (step, flex) in steps_fns.items():
+            speeds = []
+            for _ in range(args.reps):
+                static = G.to_static(model, caches[b], args.steps + args.warmup, flex=flex)
+                peak_reset(device)
+                speeds.append(decode_tok_s(model, static, pre.logits, next_pos, args.steps, args.warmup, step))
+                row[f"peak_decode_{name}_MB"] = peak_mb(device)
+            row[f"decode_{name}_tok_s"] = statistics.median(speeds)
+        rows.append(row)
+        print(format_row(row, args), file=sys.stderr)
+    return rows
+
+
+def format_row(r, args) -> str:
+    ev = " ".join(f"{m}={100 * r[f'evict_{m}']:.1f}%" for m in args.methods if f"evict_{m}" in r)
+    dec = " ".join(f"{k[7:-6]}={v:.1f}" for k, v in r.items() if k.startswith("decode_"))
+    return (f"L={r['length']:>5} budget={str(r['budget']):>4} prefill={r['prefill_s']:.2f}s ({r['prefill_tok_s']:.0f} tok/s) "
+            f"evict[{ev}] decode tok/s[{dec}] kv={r['kv_MB']:.1f}MB")
+
+
+def markdown(rows, args) -> str:
+    names = [k for k in rows[0] if k.startswith("decode_")]
+    head = ["L", "budget", "prefill s", *[f"evict {m} %" for m in args.methods], *[n[7:] for n in names],
+            "KV MB", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["length"], r["budget"], f"{r['prefill_s']:.2f}",
+                 *[f"{100 * r[f'evict_{m}']:.1f}" if f"evict_{m}" in r else "" for m in args.methods],
+                 *[f"{r[n]:.1f}" for n in names], f"{r['kv_MB']:.1f}",
+                 f"{max(v for k, v in r.items() if k.startswith('peak')):.0f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = G.ArgParser(description="Benchmark prefill, eviction overhead and decode speed with compacted caches.")
+    p.add_argument("--ckpt", default="smollm2")
+    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8000])
+    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512])
+    p.add_argument("--methods", nargs="+", default=list(EVICT_METHODS), choices=lqc.METHODS[1:])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default="out/bench")
+    return p.parse_args(argv)
+
+
+def main(args):
+    if min(args.lengths) <= 0 or min(args.budgets) <= 0 or args.reps <= 0 or args.steps <= 0:
+        raise ValueError("--lengths, --budgets, --reps and --steps must be > 0")
+    device, dtype = G.check_device(args.device, args.dtype)
+    model, tok = load(args.ckpt, device, dtype)
+    if max(args.lengths) + args.steps + args.warmup > model.args.max_seq_len:
+        raise ValueError(f"--lengths up to {max(args.lengths)} exceed the model's context of {model.args.max_seq_len}")
+    steps = {"eager": (G.make_step(model, compile=False), False)}
+    if not args.no_compile:
+        flex = G.flex_available(device)
+        steps["compiled"] = (G.make_step(model, compile=True), flex)
+    torch._dynamo.config.cache_size_limit = 64  # one graph per cache capacity
+    rows = []
+    for n in args.lengths:
+        rows += bench_length(model, tok, n, args, steps, device)
+    # the limit: a long prompt evicted to 256 entries vs a 256-token prompt with the full cache
+    short = bench_length(model, tok, 256, argparse.Namespace(**{**vars(args), "budgets": [], "methods": []}), steps, device)[0]
+    result = {"args": vars(args), "device": str(device), "torch": torch.__version__, "rows": rows, "short_full": short}
+    at = [r for r in rows if r["length"] == max(args.lengths) and r["budget"] == 256]
+    lines = [markdown(rows, args)]
+    for name in steps:
+        key = f"decode_{name}_tok_s"
+        if at:
+            result[f"limit_ratio_{name}"] = at[0][key] / short[key]
+            lines.append(f"limit ratio ({name}): {at[0][key]:.1f} tok/s at L={max(args.lengths)}, budget 256 vs "
+                         f"{short[key]:.1f} tok/s at L=256, full cache -> {result[f'limit_ratio_{name}']:.2f}")
+    if "compiled" in steps:
+        ratios = [r["decode_compiled_tok_s"] / r["decode_eager_tok_s"] for r in rows]
+        lines.append(f"compiled / eager decode speed: median {statistics.median(ratios):.2f} "
+                     f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    a = parse_args()
+    try:
+        main(a)
+    except (ValueError, CheckpointError) as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
