@@ -246,7 +246,7 @@ def parse_args(argv=None):
                    help="wrap the prompt in the checkpoint's chat format (default: when it has one)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--method", default="full", choices=lqc.METHODS)
+    p.add_argument("--method", default="laqpp", choices=lqc.METHODS)
     p.add_argument("--budget", type=int, default=256, help="kept prompt entries per KV head per layer")
     p.add_argument("--window", type=int, default=32, help="observation window (SnapKV, PyramidKV, Ada-KV) / recent window (H2O)")
     p.add_argument("--window-laqpp", type=int, default=8, help="prompt-suffix queries of LAQ++")

@@ -731,3 +731,115 @@ def test_compiled_decode_step_compiles_once():
     out, stats = G.run(model, ids, cfg, max_new_tokens=20, fast=True, compile=True, step=step)
     assert out == ref and len(graphs) == 19
     assert graphs[0] >= 1 and graphs[-1] == graphs[0], f"recompiled: {graphs}"
+
+
+# ----------------------------------------------------------------------------------------------
+# lqc_hf.py: the same policies on transformers models
+
+def hf_tiny(tmp_path, n_heads=4, n_kv_heads=2, seed=0):
+    """A tiny random transformers Llama, saved as safetensors, and lqc's model loaded from it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=n_heads,
+                                   num_key_value_heads=n_kv_heads, head_dim=16, vocab_size=320, max_position_embeddings=1024,
+                                   rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    hf = transformers.LlamaForCausalLM(cfg).eval().float()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    hf.generation_config.eos_token_id = 2
+    path = tmp_path / "hf-tiny"
+    hf.save_pretrained(path, safe_serialization=True)
+    train_bpe_tokenizer().save(str(path / "tokenizer.json"))
+    ours, _ = M.load(str(path))
+    return hf, ours
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    return hf_tiny(tmp_path_factory.mktemp("hf"))
+
+
+def test_transformers_model_and_lqc_model_agree(hf_pair):
+    import lqc_hf
+    hf, ours = hf_pair
+    ids = rand_ids(ours, 57)
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = forward_all(ours, ids)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # and the adapter's queries are the post-RoPE queries of lqc's model
+        _, q_ours = ours(ids, torch.arange(57)[None], ours.new_cache(), return_queries=True)
+        _, q_hf = lqc_hf.HFModel(hf)(ids, torch.arange(57)[None], lqc_hf.HFModel(hf).new_cache(), return_queries=True)
+    for a, b in zip(q_ours, q_hf):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", EVICTING)
+def test_same_kept_indices_through_transformers(hf_pair, method):
+    import lqc_hf
+    hf, ours = hf_pair
+    ids = rand_ids(ours, 90, 3)
+    for budget in (10, 33, 64):
+        cfg = small_cfg(method, budget)
+        pre = G.prefill(ours, ids, 32, cfg.obs_window, h2o=method == "h2o")
+        _, want = G.evict(cfg, ours, pre, torch.tensor([90]), (2,))
+        hfm = lqc_hf.HFModel(hf)
+        pre_hf = G.prefill(hfm, ids, 32, cfg.obs_window, h2o=method == "h2o")
+        _, got = G.evict(cfg, hfm, pre_hf, torch.tensor([90]), (2,))
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), (method, budget)
+
+
+@pytest.mark.parametrize("method,budget", [("snapkv", 40), ("laq", 24), ("laqpp", 24), ("h2o", 30), ("streaming", 20),
+                                           ("pyramidkv", 30)])
+def test_decoding_after_compression_through_transformers_matches_lqc(hf_pair, method, budget):
+    import lqc_hf
+    hf, ours = hf_pair
+    ids = rand_ids(ours, 80, 5)
+    opts = {"window": 8, "window_laqpp": 4, "lookahead": 3}
+    want, _ = G.run(ours, ids[0].tolist(), lqc.EvictConfig(method, budget, **opts), max_new_tokens=12, eos_ids=(2,))
+    cache, logits, indices = lqc_hf.compress(hf, ids, method, budget, chunk=32, **opts)
+    assert indices is not None and cache.layers[0].keys.shape[2] < 80  # physically smaller
+    assert lqc_hf.greedy(hf, cache, logits, 80, 12) == want
+    # the press, used the way kvpress's pipeline uses one
+    from transformers import DynamicCache
+    press = lqc_hf.LQCPress(method, budget=budget, options=opts)
+    cache = DynamicCache()
+    with torch.no_grad(), press(hf):
+        out = hf.model(input_ids=ids, past_key_values=cache)
+    assert [l.keys.shape[2] for l in cache.layers] == [int((i[0, 0] < 80).sum()) for i in press.last_indices]
+    logits = hf.lm_head(out.last_hidden_state[:, -1]).float()
+    assert lqc_hf.greedy(hf, cache, logits, 80, 12) == want
+
+
+def test_adakv_through_transformers_says_it_cannot_be_ragged(hf_pair):
+    import lqc_hf
+    hf, ours = hf_pair
+    with pytest.raises(ValueError, match="ragged"):
+        lqc_hf.compress(hf, rand_ids(ours, 80, 5), "adakv", 24, window=8)
+
+
+def test_lqc_snapkv_keeps_what_kvpress_snapkv_keeps(hf_pair):
+    kvpress = pytest.importorskip("kvpress")
+    from transformers import DynamicCache
+    hf, ours = hf_pair
+    L, window, kernel = 150, 16, 5
+    ids = rand_ids(ours, L, 9)
+    for ratio in (0.3, 0.6, 0.8):
+        press = kvpress.SnapKVPress(compression_ratio=ratio, window_size=window, kernel_size=kernel)
+        full, cache = DynamicCache(), DynamicCache()
+        with torch.no_grad():
+            hf.model(input_ids=ids, past_key_values=full)
+            with press(hf):
+                hf.model(input_ids=ids, past_key_values=cache)
+        n_kept = cache.layers[0].keys.shape[2]
+        cfg = lqc.EvictConfig("snapkv", n_kept, window=window, kernel=kernel, pool="avg")
+        pre = G.prefill(ours, ids, 64, cfg.obs_window)
+        _, ours_idx = G.evict(cfg, ours, pre, torch.tensor([L]), ())
+        for l, layer in enumerate(cache.layers):
+            keys_full = full.layers[l].keys  # [1, H, L, D]: find each kept key's position
+            for h in range(keys_full.shape[1]):
+                match = (layer.keys[0, h][:, None] == keys_full[0, h][None]).all(-1)  # [n_kept, L]
+                theirs = set(match.float().argmax(-1).tolist())
+                assert theirs == set(ours_idx[l][0, h].tolist()), (ratio, l, h)

@@ -1,0 +1,219 @@
+"""lqc's eviction policies on Hugging Face transformers models (optional: requirements-hf.txt).
+
+For models that need transformers (several GPUs with device_map="auto", or an architecture whose
+attention has the Llama projections). The policies are lqc.py's own functions; this file only
+adapts the transformers model to the small interface they use:
+
+    HFModel(model)(tokens [B, T], pos [B, T], cache: model.KVCache, return_queries) -> logits[, queries]
+
+Queries are captured by forward pre-hooks on each attention module (q_proj of its input, then
+RoPE with the cos/sin transformers hands that module), registered only while needed: transformers'
+attention is never patched.
+
+Two entry points:
+    compress(model, input_ids, method, budget)  prefill + eviction -> a physically smaller DynamicCache
+    LQCPress(method, budget=... | compression_ratio=...)
+        a kvpress-style press: `pipeline("kv-press-text-generation", model=...)(context, question=q, press=press)`
+        or `with press(model): model.model(input_ids=ctx, past_key_values=cache)`.
+kvpress's presses are per-layer hooks that compress each layer as its forward ends. LAQ cannot be
+one: its pseudo tokens need every layer's prefilled cache. LQCPress therefore hooks the end of the
+whole decoder's forward, where the complete cache is known, and runs lqc's eviction there.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+import generate as G
+import lqc
+from model import KVCache, apply_rope
+
+
+def attention_modules(model) -> list:
+    """The self-attention module of every decoder layer, in order."""
+    return [layer.self_attn for layer in model.model.layers]
+
+
+@contextmanager
+def capture_queries(model, keep: int | None = None):
+    """While active, each forward appends every layer's post-RoPE queries `[B, H_q, T, D]` to the
+    yielded list of per-layer lists (only the last `keep` per call when given)."""
+    store: list[list[torch.Tensor]] = [[] for _ in attention_modules(model)]
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)  # [B, T, dim]
+        cos, sin = kwargs["position_embeddings"]  # [B, T, D]
+        if keep is not None:
+            x, cos, sin = x[:, -keep:], cos[:, -keep:], sin[:, -keep:]
+        B, T, _ = x.shape
+        q = module.q_proj(x).view(B, T, -1, module.head_dim).transpose(1, 2)  # [B, H_q, T, D]
+        store[module.layer_idx].append(apply_rope(q, cos[:, None], sin[:, None]))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model)]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def to_dynamic_cache(cache: KVCache):
+    """lqc's KVCache as a transformers DynamicCache (same tensors). transformers masks a cache by
+    its length, so every KV head of a layer must hold the same number of real entries."""
+    from transformers import DynamicCache
+    dyn = DynamicCache()
+    for l, (k, v, p) in enumerate(zip(cache.k, cache.v, cache.pos)):
+        if (p < 0).any():
+            raise ValueError("this cache has ragged KV heads (Ada-KV) or padding, which transformers' DynamicCache "
+                             "cannot hold: use lqc's own generate.py for ragged budgets")
+        dyn.update(k, v, l)
+    return dyn
+
+
+class HFModel:
+    """A transformers causal LM behind the interface lqc's policies call: tokens and absolute
+    positions in, logits (fp32) and optionally per-layer post-RoPE queries out; `cache`, an lqc
+    KVCache, grows by the new tokens."""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_hidden_layers)
+
+    def __call__(self, tokens, pos, cache: KVCache, return_queries: bool = False):
+        dyn = to_dynamic_cache(cache) if cache.k[0] is not None else None
+        S, T = cache.length, tokens.shape[1]
+        with capture_queries(self.model) as qs:
+            out = self.model(input_ids=tokens, position_ids=pos, past_key_values=dyn, use_cache=True,
+                             cache_position=torch.arange(S, S + T, device=tokens.device))
+        new = out.past_key_values
+        for l in range(len(cache.k)):
+            layer = new.layers[l]
+            cache.update(l, layer.keys[:, :, -T:], layer.values[:, :, -T:], pos)
+        logits = out.logits.float()
+        return (logits, [q[0] for q in qs]) if return_queries else logits
+
+    @property
+    def tok_embeddings(self):  # generate.py reads the device from here
+        return self.model.get_input_embeddings()
+
+
+def eos_ids(model) -> tuple[int, ...]:
+    e = model.generation_config.eos_token_id
+    return tuple(e if isinstance(e, list) else [] if e is None else [e])
+
+
+@torch.no_grad()
+def compress(model, input_ids: torch.Tensor, method: str, budget: int, chunk: int = 512, **cfg):
+    """Prefill `input_ids` `[1, L]` with the transformers model, evict with an lqc method, and
+    return (a physically smaller DynamicCache, the prefill logits `[1, V]`, the kept indices per
+    layer or None). Decode from the cache at positions L, L+1, ..."""
+    hf = HFModel(model)
+    cfg = lqc.EvictConfig(method, budget, **cfg)
+    L = input_ids.shape[1]
+    pre = G.prefill(hf, input_ids, chunk, cfg.obs_window, h2o=cfg.method == "h2o")
+    cache, indices = G.evict(cfg, hf, pre, torch.tensor([L], device=input_ids.device), eos_ids(model))
+    return to_dynamic_cache(cache), pre.logits, indices
+
+
+@torch.no_grad()
+def greedy(model, cache, logits, start: int, max_new_tokens: int) -> list[int]:
+    """Greedy decoding with transformers from a (compressed) cache, tokens at positions start, start+1, ..."""
+    out, stop = [], eos_ids(model)
+    for i in range(max_new_tokens):
+        tok = logits.argmax(-1)  # [1]
+        if tok.item() in stop:
+            break
+        out.append(tok.item())
+        pos = torch.tensor([[start + i]], device=tok.device)
+        logits = model(input_ids=tok[:, None], position_ids=pos, past_key_values=cache).logits[:, -1].float()
+    return out
+
+
+def _base_press():
+    try:
+        from kvpress.presses.base_press import BasePress
+        return BasePress
+    except ImportError:  # kvpress is optional: LQCPress works as a context manager without it
+        return object
+
+
+@dataclass
+class LQCPress(_base_press()):
+    """A kvpress-compatible press for any lqc method (LAQ included). Give `budget` (kept entries per
+    KV head per layer) or `compression_ratio` (share removed, as kvpress presses take it).
+
+        with LQCPress("laqpp", budget=128)(model):
+            model.model(input_ids=context_ids, past_key_values=cache)   # cache is compressed on exit of the forward
+    """
+    method: str = "laqpp"
+    budget: int | None = None
+    compression_ratio: float | None = None
+    options: dict = field(default_factory=dict)  # EvictConfig fields: window, lookahead, kernel, pool, ...
+    last_indices: list | None = field(default=None, repr=False)
+
+    def budget_for(self, L: int) -> int:
+        if self.budget is not None:
+            return self.budget
+        return max(1, int(L * (1 - (self.compression_ratio or 0.0))))  # as kvpress's compute_n_kept
+
+    @contextmanager
+    def __call__(self, model):
+        hf, busy = HFModel(model), [False]
+        window = max(self.options.get("window", 32), self.options.get("window_laqpp", 8))
+        keep = None if self.method == "h2o" else window  # H2O needs every prompt query
+
+        def after_prefill(module, args, kwargs, output):
+            cache = kwargs.get("past_key_values")
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if busy[0]:
+                return output  # our own lookahead
+            if cache is None or ids is None or cache.get_seq_length() != ids.shape[1]:
+                for q in queries:  # not a prefill from an empty cache: a decoding step
+                    q.clear()
+                return output
+            busy[0] = True
+            try:
+                self._evict(model, hf, cache, ids, output.last_hidden_state, queries)
+            finally:
+                busy[0] = False
+                for q in queries:
+                    q.clear()
+            return output
+
+        with capture_queries(model, keep) as queries:
+            handle = model.model.register_forward_hook(after_prefill, with_kwargs=True)
+            try:
+                yield self
+            finally:
+                handle.remove()
+
+    @torch.no_grad()
+    def _evict(self, model, hf, cache, ids, hidden, queries):
+        B, L = ids.shape
+        dev = ids.device
+        cfg = lqc.EvictConfig(self.method, self.budget_for(L), **self.options)
+        kv = KVCache(len(cache.layers))
+        for l, layer in enumerate(cache.layers):
+            kv.k[l], kv.v[l] = layer.keys, layer.values
+            kv.pos[l] = torch.arange(L, device=dev).expand(B, layer.keys.shape[1], L)
+        pos = torch.arange(L, device=dev).expand(B, L)
+        q_all = [q[-1] for q in queries]  # this forward's queries per layer [B, H_q, T, D]
+        w = min(q_all[0].shape[2], max(cfg.obs_window, 1))
+        mass = None
+        if cfg.method == "h2o":  # exact, one chunk of queries at a time
+            mass = [sum(lqc.attention_mass(q[:, :, s:s + 512], k, pos[:, s:s + 512], p)
+                        for s in range(0, L, 512)) for q, k, p in zip(q_all, kv.k, kv.pos)]
+        logits = model.lm_head(hidden[:, -1:]).float()[:, -1]  # [B, V] the prefill logits
+        indices = lqc.plan_eviction(cfg, hf, kv, logits, [q[:, :, -w:] for q in q_all], pos[:, -w:], mass,
+                                    torch.full((B,), L, device=dev), eos_ids(model))
+        self.last_indices = indices
+        if indices is None:
+            return
+        small = to_dynamic_cache(kv.gather(indices))
+        for layer, new in zip(cache.layers, small.layers):  # shrink in place: the caller's cache object
+            layer.keys, layer.values = new.keys, new.values
