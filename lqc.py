@@ -35,6 +35,7 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
     B, Hq, T, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = Hq // Hkv  # query head h reads KV head h // G
+    q, q_pos = q.to(k.device), q_pos.to(k.device)  # layers may live on different devices (device_map)
     qg = q.float().reshape(B, Hkv, G * T, D)
     logits = qg @ k.float().transpose(-1, -2) / math.sqrt(D)  # [B, H_kv, G*T, L]
     kp = k_pos[:, :, None, :]  # [B, H_kv, 1, L]

@@ -93,7 +93,7 @@ class HFModel:
         new = out.past_key_values
         for l in range(len(cache.k)):
             layer = new.layers[l]
-            cache.update(l, layer.keys[:, :, -T:], layer.values[:, :, -T:], pos)
+            cache.update(l, layer.keys[:, :, -T:], layer.values[:, :, -T:], pos.to(layer.keys.device))
         logits = out.logits.float()
         return (logits, [q[0] for q in qs]) if return_queries else logits
 
@@ -200,7 +200,7 @@ class LQCPress(_base_press()):
         kv = KVCache(len(cache.layers))
         for l, layer in enumerate(cache.layers):
             kv.k[l], kv.v[l] = layer.keys, layer.values
-            kv.pos[l] = torch.arange(L, device=dev).expand(B, layer.keys.shape[1], L)
+            kv.pos[l] = torch.arange(L, device=layer.keys.device).expand(B, layer.keys.shape[1], L)
         pos = torch.arange(L, device=dev).expand(B, L)
         q_all = [q[-1] for q in queries]  # this forward's queries per layer [B, H_q, T, D]
         w = min(q_all[0].shape[2], max(cfg.obs_window, 1))
