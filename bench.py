@@ -25,7 +25,7 @@ import torch
 
 import generate as G
 import lqc
-from model import CheckpointError, load
+from model import load
 
 EVICT_METHODS = ("laq", "laqpp", "snapkv", "h2o")
 
@@ -212,9 +212,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    a = parse_args()
-    try:
-        main(a)
-    except (ValueError, CheckpointError) as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    G.exit_on_bad_input("bench.py", main, parse_args())

@@ -37,7 +37,7 @@ import torch
 
 import generate as G
 import lqc
-from model import CheckpointError, format_chat, load
+from model import format_chat, load
 
 # ----------------------------------------------------------------------------------------------
 # Tasks, generated offline and deterministically from a seed
@@ -63,6 +63,16 @@ def filler_sentences(rng: random.Random):
         yield f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}."
 
 
+def take_filler(tok, rng: random.Random, n_tokens: int) -> list[str]:
+    """Filler sentences adding up to at most n_tokens tokens."""
+    sents, used = [], 0
+    for s in filler_sentences(rng):
+        used += len(tok.encode(" " + s))
+        if used > n_tokens:
+            return sents
+        sents.append(s)
+
+
 @dataclass
 class Task:
     name: str
@@ -82,13 +92,7 @@ def _overhead(tok, prefix: str) -> int:
 
 def _haystack(tok, rng, n_tokens: int, depth: float, needle: str, question: str, prefix: str) -> tuple[str, int]:
     """Filler of about n_tokens prompt tokens with `needle` inserted at `depth` (between sentences)."""
-    budget = n_tokens - len(tok.encode(needle + " " + question)) - _overhead(tok, prefix)
-    sents, used = [], 0
-    for s in filler_sentences(rng):
-        used += len(tok.encode(" " + s))
-        if used > budget:
-            break
-        sents.append(s)
+    sents = take_filler(tok, rng, n_tokens - len(tok.encode(needle + " " + question)) - _overhead(tok, prefix))
     at = round(depth * len(sents))
     before = " ".join(sents[:at])
     text = (before + " " if before else "") + needle + " " + " ".join(sents[at:])
@@ -122,12 +126,7 @@ def make_multikey(tok, length, depth, seed, n_keys=40) -> Task:
     lines = [f"The value of key {k} is {v}." for k, v in zip(keys, values)]
     question, prefix = f"What is the value of key {keys[target]}?", f"The value of key {keys[target]} is "
     budget = length - sum(len(tok.encode(" " + x)) for x in lines) - len(tok.encode(question)) - _overhead(tok, prefix)
-    fill, used = [], 0
-    for s in filler_sentences(rng):
-        used += len(tok.encode(" " + s))
-        if used > budget:
-            break
-        fill.append(s)
+    fill = take_filler(tok, rng, budget)
     parts, at = [], -1
     for i, line in enumerate(lines):  # each line followed by an equal share of the filler
         if i == target:
@@ -458,9 +457,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    a = parse_args()
-    try:
-        main(a)
-    except (ValueError, CheckpointError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    G.exit_on_bad_input("eval.py", main, parse_args())

@@ -316,16 +316,16 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
     print(f"[{method}] {stats.line()}", file=sys.stderr)
 
 
-def cli(argv=None):
-    args = parse_args(argv)
+def exit_on_bad_input(prog: str, fn, *args, **kwargs):
+    """Run a CLI's main: bad input ends with one line on stderr and exit code 2, not a traceback."""
     try:
-        main(**vars(args))
+        return fn(*args, **kwargs)
     except (ValueError, CheckpointError) as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 if __name__ == "__main__":
-    cli()
+    exit_on_bad_input("generate.py", main, **vars(parse_args()))
