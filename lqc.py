@@ -184,9 +184,11 @@ class EvictConfig:
             raise ValueError(f"budget must be > 0 (got {self.budget})")
         if self.pool not in ("max", "avg"):
             raise ValueError(f"pool must be max or avg (got {self.pool!r})")
-        for name in ("window", "window_laqpp", "lookahead", "kernel", "sinks"):
-            if getattr(self, name) < (1 if name in ("lookahead", "kernel") else 0):
-                raise ValueError(f"{name} must be {'>= 1' if name in ('lookahead', 'kernel') else '>= 0'}")
+        for name, low in (("window", 1), ("window_laqpp", 0), ("lookahead", 1), ("kernel", 1), ("sinks", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low} (got {getattr(self, name)})")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"pool kernel must be odd, so pooling keeps the length (got {self.kernel})")
 
     @property
     def obs_window(self) -> int:
@@ -200,17 +202,21 @@ def lookahead_queries(model, cache, prompt_logits, snap_indices, next_pos, n, eo
     """LAQ's lookahead: greedily decode up to n pseudo tokens on a SnapKV-compressed *copy* of the
     cache (the full cache is not touched), at their true positions next_pos, next_pos + 1, ...,
     stopping at EOS. The first is the argmax of the prefill logits `[B, V]`. Returns each layer's
-    post-RoPE queries of the pseudo tokens `[B, H_q, n', D]` and their positions `[B, n']`."""
+    post-RoPE queries of the pseudo tokens `[B, H_q, n', D]` and their positions `[B, n']`; in a
+    batch, a row that reached EOS while others go on gets position -1 (a query that sees nothing)."""
     scratch = cache.gather(snap_indices)
     tok = prompt_logits.argmax(-1)  # [B]
+    eos = torch.tensor(list(eos_ids), dtype=tok.dtype, device=tok.device)
+    done = torch.zeros_like(tok, dtype=torch.bool)  # [B]
     queries, positions = [], []
     for i in range(n):
         pos = (next_pos + i)[:, None]  # [B, 1]
         logits, q = model(tok[:, None], pos, scratch, return_queries=True)
         queries.append(q)
-        positions.append(pos)
+        positions.append(torch.where(done[:, None], -1, pos))
         tok = logits[:, -1].argmax(-1)
-        if all(t in eos_ids for t in tok.tolist()):
+        done |= torch.isin(tok, eos)
+        if done.all():
             break
     return [torch.cat(qs, dim=2) for qs in zip(*queries)], torch.cat(positions, dim=1)
 

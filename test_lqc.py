@@ -636,11 +636,11 @@ def test_eval_end_to_end_on_tiny_model(tmp_path, tiny_ckpt, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # The fast path equals the readable path
 
-def readable_row(model, ids, cfg, steps):
+def readable_row(model, ids, cfg, steps, eos_ids=()):
     """The reference: one prompt, per-layer eviction, the growing KVCache."""
     L = len(ids)
     pre = G.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o")
-    cache, _ = G.evict(cfg, model, pre, torch.tensor([L]), (), fused=False)
+    cache, _ = G.evict(cfg, model, pre, torch.tensor([L]), eos_ids, fused=False)
     kept = [[set(p[0, h][p[0, h] >= 0].tolist()) for h in range(p.shape[1])] for p in cache.pos]
     logits, seen = [], []
     step = lambda t, p, c: seen.append(model(t, p, c)[:, -1]) or seen[-1]
@@ -648,13 +648,13 @@ def readable_row(model, ids, cfg, steps):
     return kept, [pre.logits[0]] + [s[0] for s in seen], toks
 
 
-def fast_batch(model, prompts, cfg, steps, flex=False):
+def fast_batch(model, prompts, cfg, steps, flex=False, eos_ids=()):
     B, L = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts])
     x = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
     next_pos = torch.tensor([len(p) for p in prompts])
     pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o", pad=pad)
-    cache, _ = G.evict(cfg, model, pre, next_pos, (), fused=True)
+    cache, _ = G.evict(cfg, model, pre, next_pos, eos_ids, fused=True)
     static = G.to_static(model, cache, steps, flex=flex)
     kept = [[[set(p[b, h][p[b, h] >= 0].tolist()) for h in range(p.shape[1])] for p in static.pos] for b in range(B)]
     seen = []
@@ -843,3 +843,20 @@ def test_lqc_snapkv_keeps_what_kvpress_snapkv_keeps(hf_pair):
                 match = (layer.keys[0, h][:, None] == keys_full[0, h][None]).all(-1)  # [n_kept, L]
                 theirs = set(match.float().argmax(-1).tolist())
                 assert theirs == set(ours_idx[l][0, h].tolist()), (ratio, l, h)
+
+
+@pytest.mark.parametrize("method", ["laq", "laqpp"])
+def test_batched_lookahead_stops_each_row_at_its_own_eos(method):
+    model = tiny(4, 2, n_layers=3)
+    prompts = [rand_ids(model, 50, 11)[0].tolist(), rand_ids(model, 37, 12)[0].tolist()]
+    cfg = small_cfg(method, 12, lookahead=6)
+    # row 0's second pseudo token becomes an EOS: row 0 stops early, row 1 goes on
+    pre = G.prefill(model, torch.tensor([prompts[0]]), chunk=16, keep_queries=cfg.obs_window)
+    snap = [lqc.select(lqc.score_snapkv(q, k, pre.obs_pos, p, 8), 12, 8) for q, k, p in zip(pre.obs_q, pre.cache.k, pre.cache.pos)]
+    scratch = pre.cache.gather(snap)
+    t0 = pre.logits.argmax(-1)
+    eos = model(t0[:, None], torch.tensor([[50]]), scratch)[:, -1].argmax(-1).item()
+    kept, _, _ = fast_batch(model, prompts, cfg, steps=2, eos_ids=(eos,))
+    for b, ids in enumerate(prompts):
+        ref_kept, _, _ = readable_row(model, ids, cfg, steps=2, eos_ids=(eos,))
+        assert kept[b] == ref_kept, f"row {b}"
