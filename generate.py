@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -124,7 +124,6 @@ class Stats:
     evict_s: float = 0.0
     new_tokens: int = 0
     decode_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def line(self) -> str:
         tps = self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
@@ -256,7 +255,8 @@ def parse_args(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--fast", action="store_true", help="fused eviction and a static compacted cache")
     p.add_argument("--compile", action="store_true",
-                   help="--fast plus torch.compile of the decode step over FlexAttention (compiles for 30-60 s on CPU)")
+                   help="--fast plus torch.compile of the decode step over FlexAttention (the first step compiles, "
+                        "30-60 s on CPU, and counts in the summary's decode time)")
     return p.parse_args(argv)
 
 
