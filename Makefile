@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-hf.txt
 install: $(STAMP)
 
 run: install
-	$(PY) generate.py --demo --method laqpp --budget 64 --max-new-tokens 80
+	$(PY) generate.py --demo --method laqpp --budget 128 --max-new-tokens 80
 
 test: install
 	$(PY) -m pytest -q test_lqc.py
