@@ -296,7 +296,7 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
         raise ValueError("--max-new-tokens and --prefill-chunk must be > 0")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
-    text = read_prompt(prompt, prompt_file, demo)
+    text = read_prompt(prompt, prompt_file, demo).rstrip()  # a file's or echo's final newline is not part of the question
     if not text.strip():
         raise ValueError("the prompt is empty: give --prompt, --prompt-file or text on stdin")
     dev, dt = check_device(device, dtype)
