@@ -82,6 +82,7 @@ class Task:
     length: int  # target prompt tokens
     depth: float  # where the fact sits, 0 = start, 1 = end
     needle_char: int = -1  # character offset of the fact in `context`
+    answers: tuple = ()  # LongBench: every accepted answer (scored by the best F1)
 
 
 def _overhead(tok, prefix: str) -> int:
@@ -146,8 +147,7 @@ def load_longbench(path: str, limit: int | None) -> list[Task]:
             if line.strip():
                 r = json.loads(line)
                 ctx = f"{r['context']}\n\nQuestion: {r['input']}" if r.get("input") else r["context"]
-                tasks.append(Task("longbench", ctx, "", r["answers"][0], 0, float("nan")))
-                tasks[-1].answers = r["answers"]
+                tasks.append(Task("longbench", ctx, "", r["answers"][0], 0, float("nan"), answers=tuple(r["answers"])))
             if limit and len(tasks) >= limit:
                 break
     return tasks
@@ -268,8 +268,7 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
             cont_tf = continuation_logits(model, cache, pre.logits, last, full_cont or [tok.eos_ids[0]], L, args.first_token)
             ref_seq = full_cont + [-1]  # the full cache's EOS (or cut) counts as a token to agree on
             common = next((i for i, (a, b) in enumerate(zip(out + [-1], ref_seq)) if a != b), len(ref_seq))
-            answers = getattr(task, "answers", [task.answer])
-            acc = max(f1_score(text, a) for a in answers) if task.name == "longbench" else float(task.answer.strip() in text)
+            acc = max(f1_score(text, a) for a in task.answers) if task.answers else float(task.answer.strip() in text)
             rows.append(dict(task=task.name, length=task.length, prompt_tokens=L, depth=task.depth, method=method,
                              budget=budget if method != "full" else L, acc=acc,
                              tf_logp=tf.gather(1, ans[:, None]).sum().item(),
