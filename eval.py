@@ -21,16 +21,14 @@ the eviction; "prefill" starts from the full-cache prefill logits, as generate.p
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import random
 import re
 import string
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -642,7 +642,7 @@ def readable_row(model, ids, cfg, steps, eos_ids=()):
     pre = G.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o")
     cache, _ = G.evict(cfg, model, pre, torch.tensor([L]), eos_ids, fused=False)
     kept = [[set(p[0, h][p[0, h] >= 0].tolist()) for h in range(p.shape[1])] for p in cache.pos]
-    logits, seen = [], []
+    seen = []
     step = lambda t, p, c: seen.append(model(t, p, c)[:, -1]) or seen[-1]
     toks = G.decode(model, cache, pre.logits, torch.tensor([L]), steps, step=step)[0]
     return kept, [pre.logits[0]] + [s[0] for s in seen], toks
