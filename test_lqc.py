@@ -103,7 +103,8 @@ def _permute_like_llama_cpp(w: np.ndarray, n: int) -> np.ndarray:
     return w.reshape(n, 2, rows // n // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def save_gguf(model: M.Transformer, path: Path, qtype="F32", tokenizer="gpt2", chat_template=None) -> Path:
+def save_gguf(model: M.Transformer, path: Path, qtype="F32", tokenizer="gpt2", chat_template=None,
+              rope_freqs=None) -> Path:
     """Write model as a llama.cpp-style GGUF: Q/K rows permuted as its converter does."""
     import gguf
     a = model.args
@@ -133,6 +134,8 @@ def save_gguf(model: M.Transformer, path: Path, qtype="F32", tokenizer="gpt2", c
     if chat_template:
         w.add_chat_template(chat_template)
     q = getattr(gguf.GGMLQuantizationType, qtype)
+    if rope_freqs is not None:  # Llama 3.x GGUFs carry their rope scaling as per-dimension factors
+        w.add_tensor("rope_freqs.weight", rope_freqs.numpy().astype(np.float32))
     for src, name in M.weight_name_map(a, "gguf").items():
         t = dict(model.named_parameters())[name].detach().float().numpy()
         if src.endswith("attn_q.weight"):
@@ -247,6 +250,18 @@ def test_gguf_round_trip_undoes_qk_permutation(tmp_path, qtype, atol):
     if qtype == "F32":  # the permutation matters: without undoing it the logits are far off
         w = loaded.layers[0].attention.wq.weight
         assert torch.equal(w, model.layers[0].attention.wq.weight)
+
+
+def test_gguf_rope_freqs_factors_reproduce_llama3_scaling(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    model = tiny(4, 2, seed=2, rope_scaling=scaling)
+    plain = M.rope_inv_freq(M.ModelArgs(**{**M.PRESETS["tiny"], "head_dim": 16}))
+    factors = plain / model.inv_freq  # what llama.cpp's converter writes
+    assert (factors > 1.5).any()  # the scaling does something at these lengths
+    loaded, tok = M.load(str(save_gguf(model, tmp_path / "m.gguf", rope_freqs=factors)))
+    ids = rand_ids(model, 200, 4)
+    torch.testing.assert_close(forward_all(loaded, ids), forward_all(model, ids), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
