@@ -122,16 +122,12 @@ def compress(model, input_ids: torch.Tensor, method: str, budget: int, chunk: in
 
 @torch.no_grad()
 def greedy(model, cache, logits, start: int, max_new_tokens: int) -> list[int]:
-    """Greedy decoding with transformers from a (compressed) cache, tokens at positions start, start+1, ..."""
-    out, stop = [], eos_ids(model)
-    for i in range(max_new_tokens):
-        tok = logits.argmax(-1)  # [1]
-        if tok.item() in stop:
-            break
-        out.append(tok.item())
-        pos = torch.tensor([[start + i]], device=tok.device)
-        logits = model(input_ids=tok[:, None], position_ids=pos, past_key_values=cache).logits[:, -1].float()
-    return out
+    """Greedy decoding with transformers from a (compressed) cache, tokens at positions start, start+1, ...
+    generate.decode's loop, with a transformers forward as its step."""
+    def step(tokens, pos, dyn):
+        return model(input_ids=tokens, position_ids=pos, past_key_values=dyn).logits[:, -1].float()
+    start_pos = torch.tensor([start], device=logits.device)
+    return G.decode(model, cache, logits, start_pos, max_new_tokens, eos_ids(model), step=step)[0]
 
 
 def _base_press():
