@@ -25,7 +25,7 @@ import torch
 
 import generate as G
 import lqc
-from model import load
+from checkpoint import load
 
 EVICT_METHODS = ("laq", "laqpp", "snapkv", "h2o")
 

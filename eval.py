@@ -35,7 +35,8 @@ import torch
 
 import generate as G
 import lqc
-from model import format_chat, load
+from checkpoint import load
+from tokenizer import format_chat
 
 # ----------------------------------------------------------------------------------------------
 # Tasks, generated offline and deterministically from a seed

@@ -16,7 +16,8 @@ import torch
 
 import lqc
 import model as M
-from model import CheckpointError, load
+from checkpoint import load
+from model import CheckpointError
 
 DEMO_PROMPT = """Read the notes and answer the question.
 

@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import generate as G
 import lqc
+import checkpoint as C
 import model as M
+import tokenizer as T
 
 ROOT = Path(__file__).parent
 FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -68,7 +70,7 @@ def save_hf_dir(model: M.Transformer, path: Path, shards: int = 1, tokenizer: st
                bos_token_id=1, eos_token_id=2)
     (path / "config.json").write_text(json.dumps(cfg))
     ours = dict(model.named_parameters())
-    state = {hf: ours[name].detach().contiguous() for hf, name in M.weight_name_map(a, "hf").items()}
+    state = {hf: ours[name].detach().contiguous() for hf, name in C.weight_name_map(a, "hf").items()}
     names = sorted(state)
     if shards == 1:
         save_file(state, str(path / "model.safetensors"))
@@ -136,7 +138,7 @@ def save_gguf(model: M.Transformer, path: Path, qtype="F32", tokenizer="gpt2", c
     q = getattr(gguf.GGMLQuantizationType, qtype)
     if rope_freqs is not None:  # Llama 3.x GGUFs carry their rope scaling as per-dimension factors
         w.add_tensor("rope_freqs.weight", rope_freqs.numpy().astype(np.float32))
-    for src, name in M.weight_name_map(a, "gguf").items():
+    for src, name in C.weight_name_map(a, "gguf").items():
         t = dict(model.named_parameters())[name].detach().float().numpy()
         if src.endswith("attn_q.weight"):
             t = _permute_like_llama_cpp(t, a.n_heads)
@@ -152,7 +154,7 @@ def save_gguf(model: M.Transformer, path: Path, qtype="F32", tokenizer="gpt2", c
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return M.load("smollm2")
+    return C.load("smollm2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def test_llama3_rope_scaling_matches_reference_formula():
 def test_hf_dir_round_trip(tmp_path, shards, tokenizer):
     model = tiny(4, 2, seed=3)
     path = save_hf_dir(model, tmp_path / "ckpt", shards, tokenizer)
-    loaded, tok = M.load(str(path))
+    loaded, tok = C.load(str(path))
     ids = torch.tensor([tok.encode("How vexingly quick daft zebras jump!")])
     assert ids.shape[1] > 3
     torch.testing.assert_close(forward_all(loaded, ids), forward_all(model, ids), atol=0, rtol=0)
@@ -216,34 +218,34 @@ def test_strict_loading_names_the_offending_tensor(tmp_path):
     bad = dict(state, **{"model.layers.0.mlp.extra.weight": torch.zeros(2)})
     save_file(bad, str(path / "model.safetensors"))
     with pytest.raises(M.CheckpointError, match="model.layers.0.mlp.extra.weight"):
-        M.load(str(path))
+        C.load(str(path))
     del bad["model.layers.0.mlp.extra.weight"], bad["model.layers.1.self_attn.k_proj.weight"]
     save_file(bad, str(path / "model.safetensors"))
     with pytest.raises(M.CheckpointError, match="model.layers.1.self_attn.k_proj.weight"):
-        M.load(str(path))
+        C.load(str(path))
     bad["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(5, 64)
     save_file(bad, str(path / "model.safetensors"))
     with pytest.raises(M.CheckpointError, match=r"k_proj.weight has shape \(5, 64\)"):
-        M.load(str(path))
+        C.load(str(path))
 
 
 def test_unsupported_architecture_is_refused():
     with pytest.raises(M.CheckpointError, match="model_type='gpt2'"):
-        M.ModelArgs.from_hf_config({"model_type": "gpt2"})
+        C.args_from_hf_config({"model_type": "gpt2"})
     cfg = json.loads(json.dumps(dict(model_type="mistral", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=128, vocab_size=320, sliding_window=4096,
                                      max_position_embeddings=32768)))
     with pytest.raises(M.CheckpointError, match="sliding_window"):
-        M.ModelArgs.from_hf_config(cfg)
+        C.args_from_hf_config(cfg)
     with pytest.raises(M.CheckpointError, match="yarn"):
-        M.ModelArgs.from_hf_config(dict(cfg, sliding_window=None, rope_scaling={"rope_type": "yarn", "factor": 4}))
+        C.args_from_hf_config(dict(cfg, sliding_window=None, rope_scaling={"rope_type": "yarn", "factor": 4}))
 
 
 @pytest.mark.parametrize("qtype,atol", [("F32", 0.0), ("F16", 2e-2), ("Q8_0", 5e-2), ("Q4_0", 0.5)])
 def test_gguf_round_trip_undoes_qk_permutation(tmp_path, qtype, atol):
     model = tiny(4, 2, seed=5, dim=64)
     path = save_gguf(model, tmp_path / "m.gguf", qtype)
-    loaded, tok = M.load(str(path))
+    loaded, tok = C.load(str(path))
     ids = torch.tensor([tok.encode("Pack my box with five dozen liquor jugs.")])
     want, got = forward_all(model, ids), forward_all(loaded, ids)
     assert (got - want).abs().max().item() <= atol
@@ -259,7 +261,7 @@ def test_gguf_rope_freqs_factors_reproduce_llama3_scaling(tmp_path):
     plain = M.rope_inv_freq(M.ModelArgs(**{**M.PRESETS["tiny"], "head_dim": 16}))
     factors = plain / model.inv_freq  # what llama.cpp's converter writes
     assert (factors > 1.5).any()  # the scaling does something at these lengths
-    loaded, tok = M.load(str(save_gguf(model, tmp_path / "m.gguf", rope_freqs=factors)))
+    loaded, tok = C.load(str(save_gguf(model, tmp_path / "m.gguf", rope_freqs=factors)))
     ids = rand_ids(model, 200, 4)
     torch.testing.assert_close(forward_all(loaded, ids), forward_all(model, ids), atol=1e-5, rtol=1e-5)
 
@@ -267,7 +269,7 @@ def test_gguf_rope_freqs_factors_reproduce_llama3_scaling(tmp_path):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_gguf_tokenizer_matches_the_original(tmp_path, kind):
     model = tiny()
-    loaded, tok = M.load(str(save_gguf(model, tmp_path / "m.gguf", tokenizer=kind)))
+    loaded, tok = C.load(str(save_gguf(model, tmp_path / "m.gguf", tokenizer=kind)))
     if kind == "gpt2":
         ref = train_bpe_tokenizer()
         encode = lambda s: ref.encode(s).ids
@@ -289,31 +291,31 @@ def test_hub_id_loads_from_local_cache_and_fails_clearly_offline(tmp_path, monke
     (repo / "refs" / "main").write_text("a" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as C
-    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
-    model, tok = M.load("lqc-test/tiny-llama")
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    model, tok = C.load("lqc-test/tiny-llama")
     ids = torch.tensor([tok.encode("quick zebras")])
     torch.testing.assert_close(forward_all(model, ids), forward_all(tiny(seed=7), ids), atol=0, rtol=0)
     with pytest.raises(M.CheckpointError, match="lqc-test/absent.*not in the local HF cache"):
-        M.load("lqc-test/absent")
+        C.load("lqc-test/absent")
 
 
 def test_llama_alias_falls_back_to_embedded_smollm2(tmp_path, monkeypatch, capsys):
-    import huggingface_hub.constants as C
-    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
-    path = M.resolve_checkpoint("llama")
-    assert path == M.resolve_checkpoint("smollm2") and path.suffix == ".gguf"
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    path = C.resolve_checkpoint("llama")
+    assert path == C.resolve_checkpoint("smollm2") and path.suffix == ".gguf"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "meta-llama/Llama-3.2-1B-Instruct" in err[0] and "smollm2" in err[0]
 
 
 def test_chat_formats():
-    assert M.detect_chat_format("{{'<|im_start|>system\\nBe brief<|im_end|>'}}") == ("chatml", "Be brief")
-    assert M.detect_chat_format("<|start_header_id|>") == ("llama3", None)
-    assert M.format_chat("llama2", "hi", None) == "<s>[INST] hi [/INST]"
-    assert M.format_chat("llama3", "hi", None).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert T.detect_chat_format("{{'<|im_start|>system\\nBe brief<|im_end|>'}}") == ("chatml", "Be brief")
+    assert T.detect_chat_format("<|start_header_id|>") == ("llama3", None)
+    assert T.format_chat("llama2", "hi", None) == "<s>[INST] hi [/INST]"
+    assert T.format_chat("llama3", "hi", None).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def test_smollm2_tokenizer_and_chat(smollm2):
@@ -767,7 +769,7 @@ def hf_tiny(tmp_path, n_heads=4, n_kv_heads=2, seed=0):
     path = tmp_path / "hf-tiny"
     hf.save_pretrained(path, safe_serialization=True)
     train_bpe_tokenizer().save(str(path / "tokenizer.json"))
-    ours, _ = M.load(str(path))
+    ours, _ = C.load(str(path))
     return hf, ours
 
 
