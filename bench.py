@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -100,16 +101,16 @@ def bench_length(model, tok, n, args, steps_fns, device) -> list[dict]:
     caches = {}
     for rep in range(args.reps):
         peak_reset(device)
-        pre, dt = timed(lambda: G.prefill(model, ids, args.prefill_chunk, keep_queries=window), device)
+        pre, dt = timed(lambda: G.prefill(model, ids, chunk=args.prefill_chunk, keep_queries=window), device)
         prefill_s.append(dt)
         peak_prefill = peak_mb(device)
         for m in args.methods:
-            state = G.prefill(model, ids, args.prefill_chunk, h2o=True) if m == "h2o" else pre
+            state = pre
             if m == "h2o":
-                state.obs_q, state.obs_pos = pre.obs_q, pre.obs_pos
+                state = G.Prefill(pre.cache, replace(pre.obs, mass=G.prefill(model, ids, chunk=args.prefill_chunk, h2o=True).obs.mass))
             for b in args.budgets:
-                cfg = lqc.EvictConfig(m, b, window=args.window)
-                (cache, _), dt = timed(lambda: G.evict(cfg, model, state, next_pos, tok.eos_ids, fused=True), device)
+                cfg = lqc.EvictConfig(method=m, budget=b, window=args.window)
+                (cache, _), dt = timed(lambda: G.evict(cfg, model, state, eos_ids=tok.eos_ids), device)
                 evict_s[m][b].append(dt)
                 if rep == 0 and m == args.methods[0]:
                     caches[b] = cache
@@ -126,7 +127,7 @@ def bench_length(model, tok, n, args, steps_fns, device) -> list[dict]:
             for _ in range(args.reps):
                 static = G.to_static(model, caches[b], args.steps + args.warmup, flex=flex)
                 peak_reset(device)
-                speeds.append(decode_tok_s(model, static, pre.logits, next_pos, args.steps, args.warmup, step))
+                speeds.append(decode_tok_s(model, static, pre.obs.logits, next_pos, args.steps, args.warmup, step))
                 row[f"peak_decode_{name}_MB"] = peak_mb(device)
             row[f"decode_{name}_tok_s"] = statistics.median(speeds)
         rows.append(row)
@@ -160,7 +161,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default="smollm2")
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8000])
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512])
-    p.add_argument("--methods", nargs="+", default=list(EVICT_METHODS), choices=lqc.METHODS[1:])
+    p.add_argument("--methods", nargs="+", default=list(EVICT_METHODS), choices=list(lqc.METHODS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
     p.add_argument("--warmup", type=int, default=3)

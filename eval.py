@@ -28,7 +28,7 @@ import string
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -201,7 +201,7 @@ def greedy(model, cache, first_logits, last_tok: int, L: int, mode: str, n: int,
         logits = model(torch.tensor([[last_tok]], device=dev), torch.tensor([[L - 1]], device=dev), cache)[:, -1]
     else:
         cache, logits = cache.clone(), first_logits
-    return G.decode(model, cache, logits, torch.tensor([L], device=dev), n, eos_ids)[0]
+    return G.decode(model, cache, logits, torch.tensor([L], device=dev), max_new_tokens=n, eos_ids=eos_ids)[0]
 
 
 def attention_recall(ref_mass: list[torch.Tensor], indices) -> float:
@@ -216,10 +216,15 @@ def attention_recall(ref_mass: list[torch.Tensor], indices) -> float:
     return torch.stack(shares).mean().item()
 
 
+def evict_config(args, method: str, budget: int) -> lqc.EvictConfig:
+    return lqc.EvictConfig(method=method, budget=budget, window=args.window, window_laqpp=args.window_laqpp,
+                           lookahead=args.lookahead, kernel=args.pool_kernel, pool=args.pool)
+
+
 def reference_mass(model, pre, cont: list[int], L: int, n_queries: int) -> list[torch.Tensor]:
     """Attention that the full-cache answer's first n decode queries pay to the prompt keys."""
-    dev = pre.logits.device
-    toks = cont[:n_queries] or [pre.logits.argmax(-1).item()]
+    dev = pre.obs.logits.device
+    toks = cont[:n_queries] or [pre.obs.logits.argmax(-1).item()]
     cache = pre.cache.clone()
     pos = torch.arange(L, L + len(toks), device=dev)[None]
     _, qs = model(torch.tensor([toks], device=dev), pos, cache, return_queries=True)
@@ -243,28 +248,28 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
     L, dev = len(ids), model.tok_embeddings.weight.device
     x = torch.tensor([ids], device=dev)
     t0 = time.perf_counter()
-    pre = G.prefill(model, x, args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp))
+    pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp))
     prefill_s = time.perf_counter() - t0
     mass = None
     if "h2o" in methods:  # H2O needs the mass of every prompt query: a second, instrumented prefill
-        mass = G.prefill(model, x, args.prefill_chunk, h2o=True).mass
+        mass = G.prefill(model, x, chunk=args.prefill_chunk, h2o=True).obs.mass
     last = ids[-1]
-    full_cont = greedy(model, pre.cache, pre.logits, last, L, args.first_token, args.agree_tokens, tok.eos_ids)
-    full_tf = continuation_logits(model, pre.cache, pre.logits, last, full_cont or [tok.eos_ids[0]], L, args.first_token)
+    full_cont = greedy(model, pre.cache, pre.obs.logits, last, L, args.first_token, args.agree_tokens, tok.eos_ids)
+    full_tf = continuation_logits(model, pre.cache, pre.obs.logits, last, full_cont or [tok.eos_ids[0]], L, args.first_token)
     ref = reference_mass(model, pre, full_cont, L, args.recall_queries)
     rows = []
     for method in methods:
         for budget in ([budgets[-1]] if method == "full" else budgets):
-            cfg = lqc.EvictConfig(method, budget, args.window, args.window_laqpp, args.lookahead, args.pool_kernel, args.pool)
+            cfg = evict_config(args, method, budget)
             t1 = time.perf_counter()
-            state = G.Prefill(pre.logits, pre.cache, pre.obs_q, pre.obs_pos, mass)
-            cache, indices = G.evict(cfg, model, state, torch.tensor([L], device=dev), tok.eos_ids)
+            state = G.Prefill(pre.cache, replace(pre.obs, mass=mass))
+            cache, indices = G.evict(cfg, model, state, eos_ids=tok.eos_ids)
             evict_s = time.perf_counter() - t1
-            out = greedy(model, cache, pre.logits, last, L, args.first_token, args.agree_tokens, tok.eos_ids)
+            out = greedy(model, cache, pre.obs.logits, last, L, args.first_token, args.agree_tokens, tok.eos_ids)
             text = tok.decode(out)
-            tf = continuation_logits(model, cache, pre.logits, last, answer_ids, L, args.first_token).log_softmax(-1)
+            tf = continuation_logits(model, cache, pre.obs.logits, last, answer_ids, L, args.first_token).log_softmax(-1)
             ans = torch.tensor(answer_ids, device=dev)
-            cont_tf = continuation_logits(model, cache, pre.logits, last, full_cont or [tok.eos_ids[0]], L, args.first_token)
+            cont_tf = continuation_logits(model, cache, pre.obs.logits, last, full_cont or [tok.eos_ids[0]], L, args.first_token)
             ref_seq = full_cont + [-1]  # the full cache's EOS (or cut) counts as a token to agree on
             common = next((i for i, (a, b) in enumerate(zip(out + [-1], ref_seq)) if a != b), len(ref_seq))
             acc = max(f1_score(text, a) for a in task.answers) if task.answers else float(task.answer.strip() in text)
@@ -363,9 +368,8 @@ def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
     methods = [m for m in methods if m != "full"]
     fig, axes = plt.subplots(len(methods), 1, figsize=(10, 1.4 * len(methods)), squeeze=False)
     for ax, m in zip(axes[:, 0], methods):
-        pre = G.prefill(model, x, args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp), h2o=m == "h2o")
-        cfg = lqc.EvictConfig(m, budget, args.window, args.window_laqpp, args.lookahead, args.pool_kernel, args.pool)
-        _, indices = G.evict(cfg, model, pre, torch.tensor([L], device=dev), tok.eos_ids)
+        pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp), h2o=m == "h2o")
+        _, indices = G.evict(evict_config(args, m, budget), model, pre, eos_ids=tok.eos_ids)
         rows = torch.zeros(len(indices) * indices[0].shape[1], L)
         for l, idx in enumerate(indices):
             for h in range(idx.shape[1]):
@@ -395,7 +399,7 @@ def parse_args(argv=None):
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048], help="prompt lengths in tokens")
     p.add_argument("--depths", nargs="+", type=float, default=[0.25, 0.75])
     p.add_argument("--seeds", type=int, default=1, help="instances per task x length x depth")
-    p.add_argument("--methods", nargs="+", default=list(lqc.METHODS), choices=lqc.METHODS)
+    p.add_argument("--methods", nargs="+", default=list(lqc.METHOD_NAMES), choices=lqc.METHOD_NAMES)
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256])
     p.add_argument("--first-token", default="redecode", choices=["redecode", "prefill"])
     p.add_argument("--agree-tokens", type=int, default=64)

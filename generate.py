@@ -41,15 +41,12 @@ Question: Who keeps the lighthouse in Wrenmouth, and what colour is its door?"""
 
 @dataclass
 class Prefill:
-    logits: torch.Tensor  # [B, V] logits of the last prompt token
-    cache: object  # model.KVCache
-    obs_q: list  # per layer, the last prompt queries [B, H_q, w, D]
-    obs_pos: torch.Tensor  # [B, w]
-    mass: list | None  # per layer, H2O's accumulated attention [B, H_kv, L]
+    cache: object  # model.KVCache: the whole prompt, per KV head
+    obs: lqc.Observation  # what eviction reads besides the cache: last logits, queries, H2O's mass
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor, chunk: int = 512, keep_queries: int = 0, h2o: bool = False,
+def prefill(model, ids: torch.Tensor, *, chunk: int = 512, keep_queries: int = 0, h2o: bool = False,
             pad: torch.Tensor | None = None) -> Prefill:
     """Run the prompts `[B, L]` through the model in chunks of `chunk` tokens (attention is then
     chunk x L, never L x L). Rows may be left-padded by `pad[b]` tokens: padding gets position -1
@@ -73,37 +70,50 @@ def prefill(model, ids: torch.Tensor, chunk: int = 512, keep_queries: int = 0, h
             obs_q = qs if obs_q is None else [torch.cat([a, b], 2) for a, b in zip(obs_q, qs)]
             obs_q = [q[:, :, -keep_queries:] for q in obs_q]
     obs_pos = pos_all[:, L - (obs_q[0].shape[2] if obs_q else 0):]
-    return Prefill(logits[:, -1], cache, obs_q, obs_pos, mass)
+    next_pos = pos_all[:, -1] + 1  # [B]
+    return Prefill(cache, lqc.Observation(logits[:, -1], next_pos, obs_q, obs_pos, mass))
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator | None):
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def generator(self, device) -> torch.Generator | None:
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None = None):
     """Next token `[B]` from logits `[B, V]`; temperature 0 is greedy."""
-    if temperature <= 0:
+    if sampling.temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if sampling.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        drop = cum - sorted_logits.softmax(-1) > sampling.top_p  # keep the smallest set whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 
 @torch.no_grad()
-def decode(model, cache, logits, next_pos, max_new_tokens, eos_ids=(), temperature=0.0, top_k=0, top_p=1.0,
-           gen=None, on_token=None, step=None) -> list[list[int]]:
+def decode(model, cache, logits, next_pos, *, max_new_tokens: int, eos_ids=(), sampling: Sampling = Sampling(),
+           on_token=None, step=None) -> list[list[int]]:
     """Decode from the prefill logits `[B, V]`, one token per row and step, the cache growing by
     one entry per token; a row stops at EOS, all stop after max_new_tokens. `on_token` sees row 0.
     `step(tokens [B, 1], pos [B, 1], cache) -> logits [B, V]` may be a compiled decode step."""
     step = step or (lambda t, p, c: model(t, p, c)[:, -1])
+    gen = sampling.generator(logits.device)
     B = logits.shape[0]
     out, done = [[] for _ in range(B)], [False] * B
     for i in range(max_new_tokens):
-        tok = sample(logits, temperature, top_k, top_p, gen)  # [B]
+        tok = sample(logits, sampling, gen)  # [B]
         for b, t in enumerate(tok.tolist()):
             done[b] = done[b] or t in eos_ids
             if not done[b]:
@@ -133,10 +143,20 @@ class Stats:
                 f"evict {self.evict_s:.3f} s | decode {self.new_tokens} tok at {tps:.1f} tok/s")
 
 
-def evict(cfg: lqc.EvictConfig, model, pre: Prefill, next_pos, eos_ids, fused=False):
-    """The eviction step between prefill and decode: returns the compacted cache and the kept indices."""
-    indices = lqc.plan_eviction(cfg, model, pre.cache, pre.logits, pre.obs_q, pre.obs_pos, pre.mass, next_pos, eos_ids,
-                                fused=fused)
+def query_step(model, cache):
+    """LAQ's lookahead step over `cache`, which it grows: tokens, pos `[B, 1]` -> (logits `[B, V]`,
+    post-RoPE queries per layer `[B, H_q, 1, D]`)."""
+    def step(tokens, pos):
+        logits, queries = model(tokens, pos, cache, return_queries=True)
+        return logits[:, -1], queries
+    return step
+
+
+def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=()):
+    """The eviction step between prefill and decode: returns the compacted cache and the kept
+    indices per layer (None when nothing was evicted). LAQ's lookahead runs on a compacted copy."""
+    indices = lqc.plan_eviction(cfg, pre.obs, keys=pre.cache.k, positions=pre.cache.pos, eos_ids=eos_ids,
+                                lookahead_step=lambda kept: query_step(model, pre.cache.gather(kept)))
     return (pre.cache, None) if indices is None else (pre.cache.gather(indices), indices)
 
 
@@ -166,41 +186,44 @@ def to_static(model, cache, extra: int, flex: bool):
     return M.StaticKVCache.from_cache(cache, extra, model.args.n_heads // model.args.n_kv_heads, flex=flex)
 
 
-@torch.no_grad()
-def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, max_new_tokens=256, prefill_chunk=512,
-              eos_ids=(), temperature=0.0, top_k=0, top_p=1.0, seed=None, on_token=None, fast=False, compile=False,
-              step=None):
-    """Prefill, evict, decode a batch of prompts (left-padded; each row evicted on its own).
-    fast: fused eviction and a static cache; compile: also a compiled decode step over
-    FlexAttention. Returns (new token ids per row, Stats)."""
-    device = model.tok_embeddings.weight.device
+def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one `[B, L]` batch, left-padded, and the padding per row `[B]`."""
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
-    x = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)  # [B, L]
-    next_pos = torch.tensor([len(p) for p in prompts], device=device)
-    stats = Stats(prompt_tokens=L)
+    return torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device), pad
+
+
+@torch.no_grad()
+def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_tokens=256, prefill_chunk=512,
+              eos_ids=(), sampling: Sampling = Sampling(), on_token=None, fast=False, compile=False, step=None):
+    """Prefill, evict, decode a batch of prompts (left-padded; each row evicted on its own).
+    fast: decode over a static compacted cache; compile: also a compiled decode step over
+    FlexAttention. Returns (new token ids per row, Stats)."""
+    device = model.tok_embeddings.weight.device
+    x, pad = left_pad(prompts, device)  # [B, L], [B]
+    stats = Stats(prompt_tokens=x.shape[1])
     fast = fast or compile
     t0 = time.perf_counter()
-    pre = prefill(model, x, prefill_chunk, cfg.obs_window, h2o=cfg.method == "h2o", pad=pad if pad.any() else None)
+    pre = prefill(model, x, chunk=prefill_chunk, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o",
+                  pad=pad if pad.any() else None)
     t1 = time.perf_counter()
-    cache, _ = evict(cfg, model, pre, next_pos, eos_ids, fused=fast)
+    cache, _ = evict(cfg, model, pre, eos_ids=eos_ids)
     if fast:
         cache = to_static(model, cache, max_new_tokens, flex=compile and flex_available(device))
     t2 = time.perf_counter()
     stats.kept = int(cache.kept()[:, 0].float().mean().round())  # row 0, mean over layers and KV heads
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     if step is None and fast:
         step = make_step(model, compile)
-    out = decode(model, cache, pre.logits, next_pos, max_new_tokens, eos_ids, temperature, top_k, top_p, gen, on_token,
-                 step)
+    out = decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                 sampling=sampling, on_token=on_token, step=step)
     t3 = time.perf_counter()
     stats.prefill_s, stats.evict_s, stats.decode_s, stats.new_tokens = t1 - t0, t2 - t1, t3 - t2, len(out[0])
     return out, stats
 
 
-def run(model, ids: list[int], cfg: lqc.EvictConfig, max_new_tokens=256, prefill_chunk=512, eos_ids=(), **kw):
-    """One prompt: (new token ids, Stats)."""
-    out, stats = run_batch(model, [ids], cfg, max_new_tokens, prefill_chunk, eos_ids, **kw)
+def run(model, ids: list[int], cfg: lqc.EvictConfig, **kw):
+    """One prompt: (new token ids, Stats). Keyword arguments as for `run_batch`."""
+    out, stats = run_batch(model, [ids], cfg, **kw)
     return out[0], stats
 
 
@@ -246,7 +269,7 @@ def parse_args(argv=None):
                    help="wrap the prompt in the checkpoint's chat format (default: when it has one)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--method", default="laqpp", choices=lqc.METHODS)
+    p.add_argument("--method", default="laqpp", choices=lqc.METHOD_NAMES)
     p.add_argument("--budget", type=int, default=256, help="kept prompt entries per KV head per layer")
     p.add_argument("--window", type=int, default=32, help="observation window (SnapKV, PyramidKV, Ada-KV) / recent window (H2O)")
     p.add_argument("--window-laqpp", type=int, default=8, help="prompt-suffix queries of LAQ++")
@@ -254,7 +277,7 @@ def parse_args(argv=None):
     p.add_argument("--pool", default="max", choices=["max", "avg"])
     p.add_argument("--pool-kernel", type=int, default=7)
     p.add_argument("--prefill-chunk", type=int, default=512)
-    p.add_argument("--fast", action="store_true", help="fused eviction and a static compacted cache")
+    p.add_argument("--fast", action="store_true", help="decode over a static (fixed-capacity) compacted cache")
     p.add_argument("--compile", action="store_true",
                    help="--fast plus torch.compile of the decode step over FlexAttention (the first step compiles, "
                         "30-60 s on CPU, and counts in the summary's decode time)")
@@ -292,7 +315,8 @@ def check_device(device: str, dtype: str):
 def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, temperature, top_k, top_p, seed, chat, device,
          dtype, method, budget, window, window_laqpp, lookahead, pool, pool_kernel, prefill_chunk, fast=False,
          compile=False):
-    cfg = lqc.EvictConfig(method, budget, window, window_laqpp, lookahead, pool_kernel, pool)
+    cfg = lqc.EvictConfig(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,
+                          kernel=pool_kernel, pool=pool)
     if max_new_tokens <= 0 or prefill_chunk <= 0:
         raise ValueError("--max-new-tokens and --prefill-chunk must be > 0")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -311,8 +335,8 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
         sys.stdout.write(answer_prefix)
     if compile and not flex_available(dev):
         print(f"generate.py: FlexAttention is not available on {dev.type}; using dense attention", file=sys.stderr)
-    out, stats = run(model, ids, cfg, max_new_tokens, prefill_chunk, tok.eos_ids, temperature=temperature, top_k=top_k,
-                     top_p=top_p, seed=seed, on_token=Streamer(tok), fast=fast, compile=compile)
+    out, stats = run(model, ids, cfg, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, eos_ids=tok.eos_ids,
+                     sampling=Sampling(temperature, top_k, top_p, seed), on_token=Streamer(tok), fast=fast, compile=compile)
     print(file=sys.stdout, flush=True)
     print(f"[{method}] {stats.line()}", file=sys.stderr)
 

@@ -1,27 +1,43 @@
-"""lqc: KV-cache eviction after prefill, as small functions over tensors.
+"""lqc: KV-cache eviction after prefill, as small functions over tensors. Needs only torch:
+copy this file alone into another project and run score -> select -> gather on your own tensors.
 
-Every policy is a score function -> one shared `select` -> one shared gather (`KVCache.gather`):
-  score_<policy>(...) -> scores [B, H_kv, L]     higher = keep
-  select(scores, budget, keep_last) -> indices [B, H_kv, K]   sorted per KV head
+The chain, per layer (the cache is kept per KV head, keys post-RoPE, every entry with its
+absolute position, -1 = empty slot):
+  score_<policy>(...) -> scores [B, H_kv, L]                      higher = keep
+  select(scores, budget, keep_last) -> indices [B, H_kv, K]       sorted per KV head
+  gather(indices, k, v, pos) -> compacted k, v [B, H_kv, K, D], pos [B, H_kv, K]
 Scores live at KV-head granularity: the query heads that share a KV head are summed, so the cache
 is never repeated per query head (GQA). Positions are absolute: a query sees a key when the key's
-position is <= its own, whatever column the key sits in after earlier compaction.
+position is <= its own (`visible`, the one place that rule is written), whatever column the key
+sits in after earlier compaction.
 
 Lookahead Q-Cache (LAQ, arXiv 2505.20334): decode a few greedy *pseudo* answer tokens on a
-SnapKV-compressed copy of the cache, and score the prompt keys with the pseudo tokens' queries,
-which resemble the queries of the real answer more than the prompt's own queries do.
+SnapKV-compressed copy of the cache (`lookahead`, over any step function you give it), and score
+the prompt keys with the pseudo tokens' queries, which resemble the queries of the real answer
+more than the prompt's own queries do.
 
-The score functions, `select` and `budgets_*` need only torch: paste them anywhere.
+`METHODS` is the table of policies: per method its score, the positions it keeps anyway at the
+end, and how budgets are allocated across layers and heads. `plan_eviction` reads it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-METHODS = ("full", "streaming", "h2o", "snapkv", "pyramidkv", "adakv", "laq", "laqpp")
+
+# ----------------------------------------------------------------------------------------------
+# The visibility rule
+
+def visible(k_pos: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """Whether a query at absolute position q_pos sees a key at k_pos (broadcasting): the key's
+    position is <= the query's. Position -1 marks an empty slot (left padding, or a KV head that
+    keeps fewer entries than others); only a padding query (also -1) sees it, which keeps that
+    query's softmax finite. The dense mask, FlexAttention's mask_mod and the scores all call this."""
+    return (k_pos <= q_pos) & ((k_pos >= 0) | (q_pos < 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -29,8 +45,8 @@ METHODS = ("full", "streaming", "h2o", "snapkv", "pyramidkv", "adakv", "laq", "l
 
 def attention_mass(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     """Softmax attention (fp32) that the queries pay to each key, summed over the queries and over
-    the query heads sharing each KV head. A query sees the keys at positions <= its own (k_pos -1
-    marks an empty slot).
+    the query heads sharing each KV head. Empty slots (k_pos -1) receive none, so padding never
+    leaks into pooling or into a budget allocation.
     q `[B, H_q, T, D]`, k `[B, H_kv, L, D]`, q_pos `[B, T]`, k_pos `[B, H_kv, L]` -> `[B, H_kv, L]`."""
     B, Hq, T, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
@@ -38,17 +54,16 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
     q, q_pos = q.to(k.device), q_pos.to(k.device)  # layers may live on different devices (device_map)
     qg = q.float().reshape(B, Hkv, G * T, D)
     logits = qg @ k.float().transpose(-1, -2) / math.sqrt(D)  # [B, H_kv, G*T, L]
-    kp = k_pos[:, :, None, :]  # [B, H_kv, 1, L]
-    visible = (kp >= 0) & (kp <= q_pos[:, None, :, None])  # [B, H_kv, T, L]
-    visible = visible[:, :, None].expand(B, Hkv, G, T, L).reshape(B, Hkv, G * T, L)
-    probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    return probs.nan_to_num(0.0).sum(dim=2)  # a query that sees nothing (padding) adds nothing
+    seen = visible(k_pos[:, :, None, :], q_pos[:, None, :, None])  # [B, H_kv, T, L]
+    seen = seen[:, :, None].expand(B, Hkv, G, T, L).reshape(B, Hkv, G * T, L)
+    probs = logits.masked_fill(~seen, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # a query seeing nothing adds nothing
+    return probs.sum(dim=2).masked_fill(k_pos < 0, 0.0)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int = 7, kind: str = "max") -> torch.Tensor:
     """1-D pooling along positions, stride 1, same length: keeps the neighbours of an important
     key, so kept entries come in small runs (SnapKV's clustering). `[B, H, L]` -> `[B, H, L]`."""
-    if kernel <= 1:
+    if kernel <= 1 or scores.shape[-1] == 0:
         return scores
     if kind == "max":
         return F.max_pool1d(scores, kernel, stride=1, padding=kernel // 2)
@@ -58,11 +73,12 @@ def pool_scores(scores: torch.Tensor, kernel: int = 7, kind: str = "max") -> tor
 def _pool_before_window(scores, window, kernel, kind):
     # the last `window` keys are kept anyway (select's keep_last) and take no part in pooling
     L = scores.shape[-1]
+    window = min(window, L)
     head = pool_scores(scores[..., : L - window], kernel, kind)
     return torch.cat([head, torch.full_like(scores[..., L - window:], float("inf"))], dim=-1)
 
 
-def score_snapkv(q_obs, k, q_pos, k_pos, window=32, kernel=7, pool="max"):
+def score_snapkv(q_obs, k, q_pos, k_pos, *, window=32, kernel=7, pool="max"):
     """SnapKV: attention from the last `window` prompt queries, pooled over the keys before the
     window; the window scores +inf. q_obs `[B, H_q, >=window, D]`, q_pos `[B, >=window]`,
     k `[B, H_kv, L, D]`, k_pos `[B, H_kv, L]` -> `[B, H_kv, L]`."""
@@ -71,7 +87,7 @@ def score_snapkv(q_obs, k, q_pos, k_pos, window=32, kernel=7, pool="max"):
     return _pool_before_window(scores, window, kernel, pool)
 
 
-def score_laq(pseudo_q, k, pseudo_pos, k_pos, suffix_q=None, suffix_pos=None, kernel=7, pool="max"):
+def score_laq(pseudo_q, k, pseudo_pos, k_pos, *, suffix_q=None, suffix_pos=None, kernel=7, pool="max"):
     """Lookahead Q-Cache: attention from the pseudo tokens' queries `[B, H_q, n, D]` (positions
     `[B, n]`, after the prompt). LAQ++ also passes the last prompt queries `suffix_q` `[B, H_q, w, D]`
     (positions `[B, w]`); their w keys are then kept anyway and score +inf. -> `[B, H_kv, L]`."""
@@ -84,7 +100,7 @@ def score_laq(pseudo_q, k, pseudo_pos, k_pos, suffix_q=None, suffix_pos=None, ke
 def score_h2o(mass: torch.Tensor, window: int = 32) -> torch.Tensor:
     """H2O heavy hitters: the attention mass each key received from all prompt queries (see
     `accumulate_mass`), plus a recent window that scores +inf. `[B, H_kv, L]` -> `[B, H_kv, L]`."""
-    return _pool_before_window(mass, min(window, mass.shape[-1]), 1, "max")
+    return _pool_before_window(mass, window, 1, "max")
 
 
 def accumulate_mass(mass: torch.Tensor | None, q, k, q_pos, k_pos) -> torch.Tensor:
@@ -102,7 +118,7 @@ def score_streaming(k_pos: torch.Tensor, sinks: int = 4) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Select: the one place that turns scores into kept indices
+# Select and gather: the one place that turns scores into kept indices, and applies them
 
 def select(scores: torch.Tensor, budget, keep_last: int = 0) -> torch.Tensor:
     """Per KV head, the last `keep_last` positions plus the top (budget - keep_last) of the rest;
@@ -121,6 +137,16 @@ def select(scores: torch.Tensor, budget, keep_last: int = 0) -> torch.Tensor:
     top = torch.where(rank < n_top[..., None], top, L)
     last = torch.arange(L - keep_last, L, device=scores.device).expand(B, H, keep_last)
     return torch.cat([top, last], dim=-1).sort(dim=-1).values
+
+
+def gather(indices: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+    """The kept entries of one layer: indices `[B, H_kv, K]` (from `select`; index S pads a head
+    that keeps fewer), k, v `[B, H_kv, S, D]`, pos `[B, H_kv, S]` -> k, v `[B, H_kv, K, D]` and
+    pos `[B, H_kv, K]`, where padding indices become empty slots (position -1)."""
+    S = k.shape[2]
+    safe = indices.clamp(max=S - 1)
+    take = safe[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, H_kv, K, D]
+    return k.gather(2, take), v.gather(2, take), torch.where(indices < S, pos.gather(2, safe), -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +171,8 @@ def budgets_pyramid(n_layers: int, budget: int, window: int, beta: float = 20) -
 def budgets_adakv(scores: torch.Tensor, budget: int, keep_last: int, alpha: float = 0.2) -> torch.Tensor:
     """Ada-KV: one top-k over all KV heads of a layer decides each head's share of the layer's
     H * budget entries; each head keeps at least its window plus alpha * (budget - window).
-    scores `[B, H_kv, L]` (the window scoring +inf) -> budgets `[B, H_kv]`, summing to H * budget."""
+    scores `[B, H_kv, L]` (the window scoring +inf, empty slots -inf) -> budgets `[B, H_kv]`,
+    summing to H * budget."""
     B, H, L = scores.shape
     keep_last = min(keep_last, budget)
     rest = budget - keep_last
@@ -155,20 +182,54 @@ def budgets_adakv(scores: torch.Tensor, budget: int, keep_last: int, alpha: floa
         return torch.full((B, H), budget, device=scores.device)
     floor = int(alpha * rest)
     beyond = prefix.sort(dim=-1, descending=True).values[..., floor:]  # [B, H, P - floor]
-    n_extra = min(H * (rest - floor), H * (P - floor))
-    winners = beyond.reshape(B, -1).topk(n_extra, dim=-1).indices // (P - floor)  # [B, n_extra] head ids
+    n_extra = H * (rest - floor)
+    # stable: ties go to the lower head and rank, whatever padding the row carries (-inf, sorted last)
+    winners = beyond.reshape(B, -1).sort(dim=-1, descending=True, stable=True).indices[:, :n_extra] // (P - floor)
     extra = torch.zeros(B, H, dtype=torch.long, device=scores.device).scatter_add_(1, winners, torch.ones_like(winners))
     return floor + extra + keep_last
 
 
 # ----------------------------------------------------------------------------------------------
-# The lookahead and the policies
+# The lookahead: LAQ's pseudo decoding over any model and cache
 
-@dataclass
+Step = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, list[torch.Tensor]]"]
+
+
+@torch.no_grad()
+def lookahead(step: Step, logits: torch.Tensor, next_pos: torch.Tensor, n: int, eos_ids=()):
+    """Greedily decode up to n pseudo tokens and record their queries (LAQ's Q-Cache).
+    `step(tokens [B, 1], pos [B, 1]) -> (logits [B, V], queries)`, queries being each layer's
+    post-RoPE queries `[B, H_q, 1, D]`; the step appends to a cache the caller owns (a compressed
+    copy: the real cache is not touched). The first pseudo token is the argmax of `logits` `[B, V]`
+    (the prefill logits), at position next_pos `[B]`; then next_pos + 1, ... The lookahead stops at
+    EOS: a row whose pseudo token is EOS feeds nothing further (its first token is always fed, so
+    every row has a query), and in a batch its later positions are -1 (a query that sees nothing).
+    Returns each layer's queries `[B, H_q, n', D]` and their positions `[B, n']`, n' <= n."""
+    tok = logits.argmax(-1)  # [B]
+    eos = torch.tensor(list(eos_ids), dtype=tok.dtype, device=tok.device)
+    done = torch.zeros_like(tok, dtype=torch.bool)  # [B]
+    queries, positions = [], []
+    for i in range(n):
+        pos = (next_pos + i)[:, None]  # [B, 1]
+        step_logits, q = step(tok[:, None], pos)
+        queries.append(q)
+        positions.append(torch.where(done[:, None], -1, pos))
+        nxt = step_logits.argmax(-1)
+        done |= torch.isin(tok, eos) | torch.isin(nxt, eos)
+        tok = nxt
+        if done.all():
+            break
+    return [torch.cat(qs, dim=2) for qs in zip(*queries)], torch.cat(positions, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The methods
+
+@dataclass(kw_only=True)
 class EvictConfig:
     method: str = "laqpp"
     budget: int = 256  # kept prompt entries per KV head per layer (the average, for pyramidkv / adakv)
-    window: int = 32  # observation window of SnapKV / PyramidKV / Ada-KV, recent window of H2O
+    window: int = 32  # observation window of SnapKV / PyramidKV / Ada-KV / LAQ's SnapKV copy, recent window of H2O
     window_laqpp: int = 8  # prompt-suffix queries (and kept keys) of LAQ++
     lookahead: int = 8  # pseudo tokens of LAQ
     kernel: int = 7
@@ -178,8 +239,8 @@ class EvictConfig:
     alpha: float = 0.2  # Ada-KV floor
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method not in METHOD_NAMES:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHOD_NAMES)}")
         if self.budget <= 0:
             raise ValueError(f"budget must be > 0 (got {self.budget})")
         if self.pool not in ("max", "avg"):
@@ -193,96 +254,98 @@ class EvictConfig:
     @property
     def obs_window(self) -> int:
         """How many trailing prompt queries the policy needs from prefill."""
-        return {"snapkv": self.window, "pyramidkv": self.window, "adakv": self.window,
-                "laq": self.window, "laqpp": max(self.window, self.window_laqpp)}.get(self.method, 0)
+        m = METHODS.get(self.method)
+        return max(self.window, m.keep_last(self)) if m and m.scores in ("snapkv", "laq") else 0
 
 
-@torch.no_grad()
-def lookahead_queries(model, cache, prompt_logits, snap_indices, next_pos, n, eos_ids=()):
-    """LAQ's lookahead: greedily decode up to n pseudo tokens on a SnapKV-compressed *copy* of the
-    cache (the full cache is not touched), at their true positions next_pos, next_pos + 1, ...,
-    stopping at EOS. The first is the argmax of the prefill logits `[B, V]`. Returns each layer's
-    post-RoPE queries of the pseudo tokens `[B, H_q, n', D]` and their positions `[B, n']`; in a
-    batch, a row that reached EOS while others go on gets position -1 (a query that sees nothing)."""
-    scratch = cache.gather(snap_indices)
-    tok = prompt_logits.argmax(-1)  # [B]
-    eos = torch.tensor(list(eos_ids), dtype=tok.dtype, device=tok.device)
-    done = torch.zeros_like(tok, dtype=torch.bool)  # [B]
-    queries, positions = [], []
-    for i in range(n):
-        pos = (next_pos + i)[:, None]  # [B, 1]
-        logits, q = model(tok[:, None], pos, scratch, return_queries=True)
-        queries.append(q)
-        positions.append(torch.where(done[:, None], -1, pos))
-        tok = logits[:, -1].argmax(-1)
-        done |= torch.isin(tok, eos)
-        if done.all():
-            break
-    return [torch.cat(qs, dim=2) for qs in zip(*queries)], torch.cat(positions, dim=1)
+@dataclass(frozen=True)
+class Method:
+    scores: str  # what scores the keys: streaming | h2o | snapkv | laq (pseudo queries, after a lookahead)
+    keep_last: Callable[[EvictConfig], int]  # trailing prompt positions kept anyway
+    budgets: str = "uniform"  # across layers and heads: uniform | pyramid (per layer) | adakv (per head)
 
 
-def map_layers(fn, fused: bool, *per_layer):
-    """fn applied to every layer: a readable loop, or (fused) one call with the layers stacked
-    along the batch axis, which turns n_layers small kernels into one large one. Same result."""
-    if not fused:
-        return [fn(*args) for args in zip(*per_layer)]
-    return list(fn(*[torch.cat(x, dim=0) for x in per_layer]).chunk(len(per_layer[0]), dim=0))
+METHODS = {  # "full" evicts nothing and has no entry
+    "streaming": Method("streaming", lambda c: c.budget - min(c.sinks, c.budget)),
+    "h2o": Method("h2o", lambda c: c.window),
+    "snapkv": Method("snapkv", lambda c: c.window),
+    "pyramidkv": Method("snapkv", lambda c: c.window, budgets="pyramid"),
+    "adakv": Method("snapkv", lambda c: c.window, budgets="adakv"),
+    "laq": Method("laq", lambda c: 0),
+    "laqpp": Method("laq", lambda c: c.window_laqpp),
+}
+METHOD_NAMES = ("full", *METHODS)
 
 
-def plan_eviction(cfg: EvictConfig, model, cache, prompt_logits, obs_q, obs_pos, mass, next_pos, eos_ids=(), fused=False):
-    """Kept indices per layer (a list of `[B, H_kv, K]`), or None when nothing is evicted.
-    obs_q: the last prompt queries per layer `[B, H_q, w, D]` at obs_pos `[B, w]`; mass: H2O's
-    accumulated attention per layer `[B, H_kv, L]`; next_pos `[B]`: the first position after the prompt.
-    Rows of a batch may be left-padded (padding has position -1): each row is evicted as if it were
-    alone, and a row no longer than the budget keeps everything.
-    fused: score and select all layers at once (the fast path); the kept indices are the same."""
-    if cfg.method == "full" or cache.length <= cfg.budget:
+@dataclass
+class Observation:
+    """What prefill hands to eviction besides the cache."""
+    logits: torch.Tensor  # [B, V] the last prompt token's logits (the lookahead starts from them)
+    next_pos: torch.Tensor  # [B] the first position after each prompt
+    obs_q: list | None = None  # per layer, the last prompt queries [B, H_q, w, D] (SnapKV family, LAQ)
+    obs_pos: torch.Tensor | None = None  # [B, w]
+    mass: list | None = None  # per layer, H2O's accumulated attention [B, H_kv, L]
+
+
+def plan_eviction(cfg: EvictConfig, obs: Observation, *, keys: list, positions: list,
+                  lookahead_step: Callable[[list], Step] | None = None, eos_ids=()) -> list | None:
+    """Kept indices per layer (a list of `[B, H_kv, K]`, for `gather`), or None when nothing is
+    evicted. keys / positions: the prompt cache per layer, `[B, H_kv, L, D]` / `[B, H_kv, L]`.
+    lookahead_step (LAQ only): given the SnapKV copy's kept indices per layer, return a `Step` over
+    a cache compacted to them (see `lookahead`). Rows of a batch may be left-padded (position -1):
+    each row is evicted as if it were alone, and a row no longer than the budget keeps everything."""
+    if cfg.method == "full" or keys[0].shape[2] <= cfg.budget:
         return None
-    indices = _score_and_select(cfg, model, cache, prompt_logits, obs_q, obs_pos, mass, next_pos, eos_ids, fused)
-    valid = cache.pos[0][:, 0] >= 0  # [B, L]
-    short = valid.sum(-1) <= cfg.budget  # [B]
-    if short.any():
-        L = valid.shape[-1]
-        every = torch.where(valid, torch.arange(L, device=valid.device), L).sort(-1).values  # [B, L] valid first
-        for idx in indices:
-            K = min(idx.shape[-1], L)
-            idx[short] = L
-            idx[short, :, :K] = every[short, None, :K]
-    return indices
+    method = METHODS[cfg.method]
+    keep_last = method.keep_last(cfg)
+    scores = method_scores(cfg, method, obs, keys, positions, lookahead_step, eos_ids)
+    if method.budgets == "pyramid":
+        budgets = budgets_pyramid(len(scores), cfg.budget, keep_last, cfg.beta)
+    elif method.budgets == "adakv":
+        budgets = [budgets_adakv(s, cfg.budget, keep_last, cfg.alpha) for s in scores]
+    else:
+        budgets = [cfg.budget] * len(scores)
+    indices = [select(s, b, keep_last) for s, b in zip(scores, budgets)]
+    return keep_short_rows(indices, positions[0], cfg.budget)
 
 
-def _score_and_select(cfg, model, cache, prompt_logits, obs_q, obs_pos, mass, next_pos, eos_ids, fused):
-    n = len(cache.k)
-    b, w, kernel, pool = cfg.budget, cfg.window, cfg.kernel, cfg.pool
-    obs_pos = [obs_pos] * n
+def method_scores(cfg, method, obs, keys, positions, lookahead_step, eos_ids) -> list:
+    """Scores per layer `[B, H_kv, L]`, empty slots at -inf (never kept while a real entry is left)."""
+    if method.scores == "streaming":
+        raw = [score_streaming(p, cfg.sinks) for p in positions]
+    elif method.scores == "h2o":
+        raw = [score_h2o(m, cfg.window) for m in obs.mass]
+    else:
+        raw = [score_snapkv(q, k, obs.obs_pos, p, window=cfg.window, kernel=cfg.kernel, pool=cfg.pool)
+               for q, k, p in zip(obs.obs_q, keys, positions)]
+    raw = [s.masked_fill(p < 0, float("-inf")) for s, p in zip(raw, positions)]
+    if method.scores != "laq":
+        return raw
+    # LAQ: pseudo tokens decoded on a SnapKV copy of the cache at the same budget score the keys
+    snap_kept = [select(s, cfg.budget, cfg.window) for s in raw]
+    pseudo_q, pseudo_pos = lookahead(lookahead_step(snap_kept), obs.logits, obs.next_pos, cfg.lookahead, eos_ids)
+    w2 = method.keep_last(cfg)
+    suffix = [(q[:, :, -w2:], obs.obs_pos[:, -w2:]) if w2 else (None, None) for q in obs.obs_q]
+    raw = [score_laq(pq, k, pseudo_pos, p, suffix_q=sq, suffix_pos=sp, kernel=cfg.kernel, pool=cfg.pool)
+           for pq, k, p, (sq, sp) in zip(pseudo_q, keys, positions, suffix)]
+    return [s.masked_fill(p < 0, float("-inf")) for s, p in zip(raw, positions)]
 
-    def each(fn, *per_layer):
-        return map_layers(fn, fused, *per_layer)
 
-    def pick(scores, k_pos, budget, keep_last):
-        return select(scores.masked_fill(k_pos < 0, float("-inf")), budget, keep_last)
-
-    if cfg.method == "streaming":
-        return each(lambda p: pick(score_streaming(p, cfg.sinks), p, b, b - min(cfg.sinks, b)), cache.pos)
-    if cfg.method == "h2o":
-        return each(lambda m, p: pick(score_h2o(m, w), p, b, w), mass, cache.pos)
-    snap = each(lambda q, k, qp, kp: score_snapkv(q, k, qp, kp, w, kernel, pool), obs_q, cache.k, obs_pos, cache.pos)
-    if cfg.method == "snapkv":
-        return each(lambda s, p: pick(s, p, b, w), snap, cache.pos)
-    if cfg.method == "pyramidkv":
-        full = lambda s, lb: torch.full(s.shape[:2], lb, device=s.device)  # [B, H_kv] budget of one layer
-        budgets = [full(s, lb) for s, lb in zip(snap, budgets_pyramid(n, b, w, cfg.beta))]
-        return each(lambda s, p, lb: pick(s, p, lb, w), snap, cache.pos, budgets)
-    if cfg.method == "adakv":
-        return each(lambda s, p: pick(s, p, budgets_adakv(s, b, w, cfg.alpha), w), snap, cache.pos)
-    # laq / laqpp: score the prompt keys with the queries of pseudo tokens decoded on a SnapKV copy
-    snap_kept = each(lambda s, p: pick(s, p, b, w), snap, cache.pos)
-    pseudo_q, pseudo_pos = lookahead_queries(model, cache, prompt_logits, snap_kept, next_pos, cfg.lookahead, eos_ids)
-    w2 = cfg.window_laqpp if cfg.method == "laqpp" else 0
-    pseudo_pos = [pseudo_pos] * n
-    if w2:
-        suffix_q, suffix_pos = [q[:, :, -w2:] for q in obs_q], [p[:, -w2:] for p in obs_pos]
-        score = lambda pq, k, pp, kp, sq, sp: pick(score_laq(pq, k, pp, kp, sq, sp, kernel, pool), kp, b, w2)
-        return each(score, pseudo_q, cache.k, pseudo_pos, cache.pos, suffix_q, suffix_pos)
-    score = lambda pq, k, pp, kp: pick(score_laq(pq, k, pp, kp, None, None, kernel, pool), kp, b, 0)
-    return each(score, pseudo_q, cache.k, pseudo_pos, cache.pos)
+def keep_short_rows(indices: list, pos: torch.Tensor, budget: int) -> list:
+    """A row no longer than the budget keeps every entry, as it would alone (nothing is evicted
+    then), even in a layer whose own budget is smaller (PyramidKV). pos `[B, H_kv, L]`: the prompt
+    cache's positions (all heads alike). Other rows get padding indices where the layer widens."""
+    valid = pos[:, 0] >= 0  # [B, L]
+    short = valid.sum(-1) <= budget  # [B]
+    if not short.any():
+        return indices
+    L = valid.shape[-1]
+    every = torch.where(valid, torch.arange(L, device=valid.device), L).sort(-1).values  # [B, L] valid first
+    width = int(valid[short].sum(-1).max())
+    out = []
+    for idx in indices:
+        K = max(idx.shape[-1], width)
+        idx = F.pad(idx, (0, K - idx.shape[-1]), value=L)
+        idx[short] = every[short, None, :K]
+        out.append(idx)
+    return out

@@ -1,10 +1,9 @@
 """lqc's eviction policies on Hugging Face transformers models (optional: requirements-hf.txt).
 
 For models that need transformers (several GPUs with device_map="auto", or an architecture whose
-attention has the Llama projections). The policies are lqc.py's own functions; this file only
-adapts the transformers model to the small interface they use:
-
-    HFModel(model)(tokens [B, T], pos [B, T], cache: model.KVCache, return_queries) -> logits[, queries]
+attention has the Llama projections). The policies, `plan_eviction` and the lookahead are lqc.py's
+own functions; this file only hands them the transformers cache as tensors and a lookahead step
+(`query_step`: tokens -> logits and queries over a DynamicCache).
 
 Queries are captured by forward pre-hooks on each attention module (q_proj of its input, then
 RoPE with the cos/sin transformers hands that module), registered only while needed: transformers'
@@ -28,7 +27,7 @@ import torch
 
 import generate as G
 import lqc
-from model import KVCache, apply_rope
+from model import apply_rope
 
 
 def attention_modules(model) -> list:
@@ -59,12 +58,13 @@ def capture_queries(model, keep: int | None = None):
             h.remove()
 
 
-def to_dynamic_cache(cache: KVCache):
-    """lqc's KVCache as a transformers DynamicCache (same tensors). transformers masks a cache by
-    its length, so every KV head of a layer must hold the same number of real entries."""
+def dynamic_cache(keys: list, values: list, positions: list):
+    """Per-layer K, V `[B, H_kv, S, D]` as a transformers DynamicCache (same tensors). transformers
+    masks a cache by its length, so every KV head of a layer must hold the same number of real
+    entries: positions `[B, H_kv, S]` must have no empty slot (-1)."""
     from transformers import DynamicCache
     dyn = DynamicCache()
-    for l, (k, v, p) in enumerate(zip(cache.k, cache.v, cache.pos)):
+    for l, (k, v, p) in enumerate(zip(keys, values, positions)):
         if (p < 0).any():
             raise ValueError("this cache has ragged KV heads (Ada-KV) or padding, which transformers' DynamicCache "
                              "cannot hold: use lqc's own generate.py for ragged budgets")
@@ -72,34 +72,16 @@ def to_dynamic_cache(cache: KVCache):
     return dyn
 
 
-class HFModel:
-    """A transformers causal LM behind the interface lqc's policies call: tokens and absolute
-    positions in, logits (fp32) and optionally per-layer post-RoPE queries out; `cache`, an lqc
-    KVCache, grows by the new tokens."""
-
-    def __init__(self, model):
-        self.model = model
-        self.config = model.config
-
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers)
-
-    def __call__(self, tokens, pos, cache: KVCache, return_queries: bool = False):
-        dyn = to_dynamic_cache(cache) if cache.k[0] is not None else None
-        S, T = cache.length, tokens.shape[1]
-        with capture_queries(self.model) as qs:
-            out = self.model(input_ids=tokens, position_ids=pos, past_key_values=dyn, use_cache=True,
-                             cache_position=torch.arange(S, S + T, device=tokens.device))
-        new = out.past_key_values
-        for l in range(len(cache.k)):
-            layer = new.layers[l]
-            cache.update(l, layer.keys[:, :, -T:], layer.values[:, :, -T:], pos.to(layer.keys.device))
-        logits = out.logits.float()
-        return (logits, [q[0] for q in qs]) if return_queries else logits
-
-    @property
-    def tok_embeddings(self):  # generate.py reads the device from here
-        return self.model.get_input_embeddings()
+def query_step(model, dyn):
+    """LAQ's lookahead step (see `lqc.lookahead`) over a transformers DynamicCache, which it grows:
+    tokens, pos `[B, 1]` -> (logits `[B, V]` fp32, post-RoPE queries per layer `[B, H_q, 1, D]`)."""
+    def step(tokens, pos):
+        S = dyn.get_seq_length()
+        with capture_queries(model) as qs:
+            out = model(input_ids=tokens, position_ids=pos, past_key_values=dyn, use_cache=True,
+                        cache_position=torch.arange(S, S + tokens.shape[1], device=tokens.device))
+        return out.logits[:, -1].float(), [q[0] for q in qs]
+    return step
 
 
 def eos_ids(model) -> tuple[int, ...]:
@@ -108,16 +90,15 @@ def eos_ids(model) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def compress(model, input_ids: torch.Tensor, method: str, budget: int, chunk: int = 512, **cfg):
-    """Prefill `input_ids` `[1, L]` with the transformers model, evict with an lqc method, and
-    return (a physically smaller DynamicCache, the prefill logits `[1, V]`, the kept indices per
+def compress(model, input_ids: torch.Tensor, method: str, budget: int, **options):
+    """Prefill `input_ids` `[B, L]` with the transformers model under `LQCPress(method, budget)` and
+    return (the physically smaller DynamicCache, the prefill logits `[B, V]`, the kept indices per
     layer or None). Decode from the cache at positions L, L+1, ..."""
-    hf = HFModel(model)
-    cfg = lqc.EvictConfig(method, budget, **cfg)
-    L = input_ids.shape[1]
-    pre = G.prefill(hf, input_ids, chunk, cfg.obs_window, h2o=cfg.method == "h2o")
-    cache, indices = G.evict(cfg, hf, pre, torch.tensor([L], device=input_ids.device), eos_ids(model))
-    return to_dynamic_cache(cache), pre.logits, indices
+    from transformers import DynamicCache
+    press, cache = LQCPress(method, budget=budget, options=options), DynamicCache()
+    with press(model):
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, out.logits[:, -1].float(), press.last_indices
 
 
 @torch.no_grad()
@@ -127,7 +108,7 @@ def greedy(model, cache, logits, start: int, max_new_tokens: int) -> list[int]:
     def step(tokens, pos, dyn):
         return model(input_ids=tokens, position_ids=pos, past_key_values=dyn).logits[:, -1].float()
     start_pos = torch.tensor([start], device=logits.device)
-    return G.decode(model, cache, logits, start_pos, max_new_tokens, eos_ids(model), step=step)[0]
+    return G.decode(model, cache, logits, start_pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids(model), step=step)[0]
 
 
 def _base_press():
@@ -159,7 +140,7 @@ class LQCPress(_base_press()):
 
     @contextmanager
     def __call__(self, model):
-        hf, busy = HFModel(model), [False]
+        busy = [False]
         window = max(self.options.get("window", 32), self.options.get("window_laqpp", 8))
         keep = None if self.method == "h2o" else window  # H2O needs every prompt query
 
@@ -174,7 +155,7 @@ class LQCPress(_base_press()):
                 return output
             busy[0] = True
             try:
-                self._evict(model, hf, cache, ids, output.last_hidden_state, queries)
+                self._evict(model, cache, ids, output.last_hidden_state, queries)
             finally:
                 busy[0] = False
                 for q in queries:
@@ -189,27 +170,33 @@ class LQCPress(_base_press()):
                 handle.remove()
 
     @torch.no_grad()
-    def _evict(self, model, hf, cache, ids, hidden, queries):
+    def _evict(self, model, cache, ids, hidden, queries):
         B, L = ids.shape
         dev = ids.device
-        cfg = lqc.EvictConfig(self.method, self.budget_for(L), **self.options)
-        kv = KVCache(len(cache.layers))
-        for l, layer in enumerate(cache.layers):
-            kv.k[l], kv.v[l] = layer.keys, layer.values
-            kv.pos[l] = torch.arange(L, device=layer.keys.device).expand(B, layer.keys.shape[1], L)
+        cfg = lqc.EvictConfig(method=self.method, budget=self.budget_for(L), **self.options)
+        keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        positions = [torch.arange(L, device=k.device).expand(B, k.shape[1], L) for k in keys]  # [B, H_kv, L]
         pos = torch.arange(L, device=dev).expand(B, L)
         q_all = [q[-1] for q in queries]  # this forward's queries per layer [B, H_q, T, D]
         w = min(q_all[0].shape[2], max(cfg.obs_window, 1))
         mass = None
         if cfg.method == "h2o":  # exact, one chunk of queries at a time
             mass = [sum(lqc.attention_mass(q[:, :, s:s + 512], k, pos[:, s:s + 512], p)
-                        for s in range(0, L, 512)) for q, k, p in zip(q_all, kv.k, kv.pos)]
+                        for s in range(0, L, 512)) for q, k, p in zip(q_all, keys, positions)]
         logits = model.lm_head(hidden[:, -1:]).float()[:, -1]  # [B, V] the prefill logits
-        indices = lqc.plan_eviction(cfg, hf, kv, logits, [q[:, :, -w:] for q in q_all], pos[:, -w:], mass,
-                                    torch.full((B,), L, device=dev), eos_ids(model))
+        obs = lqc.Observation(logits, torch.full((B,), L, device=dev), [q[:, :, -w:] for q in q_all], pos[:, -w:], mass)
+
+        def compacted(indices):
+            return [lqc.gather(i, k, v, p) for i, k, v, p in zip(indices, keys, values, positions)]
+
+        def lookahead_step(kept):
+            return query_step(model, dynamic_cache(*zip(*compacted(kept))))
+
+        indices = lqc.plan_eviction(cfg, obs, keys=keys, positions=positions, lookahead_step=lookahead_step,
+                                    eos_ids=eos_ids(model))
         self.last_indices = indices
         if indices is None:
             return
-        small = to_dynamic_cache(kv.gather(indices))
+        small = dynamic_cache(*zip(*compacted(indices)))
         for layer, new in zip(cache.layers, small.layers):  # shrink in place: the caller's cache object
             layer.keys, layer.values = new.keys, new.values

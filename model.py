@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lqc import gather, visible
+
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message says what to fix."""
@@ -100,18 +102,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # slot) and own the attention over themselves (`attend`), so the model needs no cache-specific code.
 
 def position_mask(k_pos: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-    """Which keys each query sees, by absolute position: k_pos `[B, H_kv, S]`, q_pos `[B, T]` ->
-    `[B, H_kv, T, S]`. A padding query (position -1) sees only padding, which keeps its softmax finite."""
-    kp, qp = k_pos[:, :, None, :], q_pos[:, None, :, None]
-    return (kp <= qp) & ((kp >= 0) | (qp < 0))
+    """Which keys each query sees (`lqc.visible`): k_pos `[B, H_kv, S]`, q_pos `[B, T]` -> `[B, H_kv, T, S]`."""
+    return visible(k_pos[:, :, None, :], q_pos[:, None, :, None])
 
 
 def cache_mask_mod(k_pos: torch.Tensor, q_pos: torch.Tensor, group: int):
     """The same mask as a FlexAttention `mask_mod`; query head h reads KV head h // group. One
     closure feeds both FlexAttention's block mask and the dense reference (`create_mask`)."""
     def mask_mod(b, h, q_idx, kv_idx):
-        kp, qp = k_pos[b, h // group, kv_idx], q_pos[b, q_idx]
-        return (kp <= qp) & ((kp >= 0) | (qp < 0))
+        return visible(k_pos[b, h // group, kv_idx], q_pos[b, q_idx])
     return mask_mod
 
 
@@ -146,12 +145,7 @@ class KVCache:
         pads a head that keeps fewer entries and becomes an empty slot)."""
         out = KVCache(len(self.k))
         for l, idx in enumerate(indices):
-            T = self.k[l].shape[2]
-            safe = idx.clamp(max=T - 1)
-            take = safe[..., None].expand(-1, -1, -1, self.k[l].shape[-1])  # [B, H_kv, K, D]
-            out.k[l] = self.k[l].gather(2, take)
-            out.v[l] = self.v[l].gather(2, take)
-            out.pos[l] = torch.where(idx < T, self.pos[l].gather(2, safe), -1)
+            out.k[l], out.v[l], out.pos[l] = gather(idx, self.k[l], self.v[l], self.pos[l])
         return out
 
     def clone(self) -> "KVCache":
@@ -189,10 +183,20 @@ class StaticKVCache(nn.Module):
             self.register_buffer(f"v{l}", torch.zeros(batch, n_kv_heads, C, head_dim, dtype=dtype, device=device))
             self.register_buffer(f"pos{l}", torch.full((batch, n_kv_heads, C), -1, dtype=torch.long, device=device))
             self.register_buffer(f"length{l}", torch.zeros(batch, n_kv_heads, dtype=torch.long, device=device))
-        self.k = [getattr(self, f"k{l}") for l in range(n_layers)]
-        self.v = [getattr(self, f"v{l}") for l in range(n_layers)]
-        self.pos = [getattr(self, f"pos{l}") for l in range(n_layers)]
-        self.length = [getattr(self, f"length{l}") for l in range(n_layers)]
+        self.n_layers = n_layers
+
+    # Views of the registered buffers, looked up on every access: a list built once would keep
+    # pointing at the old tensors after `.to()` or `load_state_dict`.
+    def _layers(self, name: str) -> list[torch.Tensor]:
+        return [self._buffers[f"{name}{l}"] for l in range(self.n_layers)]
+
+    def _buf(self, name: str, layer: int) -> torch.Tensor:
+        return self._buffers[f"{name}{layer}"]
+
+    k = property(lambda self: self._layers("k"))
+    v = property(lambda self: self._layers("v"))
+    pos = property(lambda self: self._layers("pos"))
+    length = property(lambda self: self._layers("length"))
 
     @classmethod
     def from_cache(cls, cache: KVCache, extra: int, group: int, flex: bool = False) -> "StaticKVCache":
@@ -214,16 +218,17 @@ class StaticKVCache(nn.Module):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Write k, v `[B, H_kv, T, D]` at positions `[B, T]` into each head's next free slots."""
         T = k.shape[2]
-        slot = self.length[layer][..., None] + torch.arange(T, device=k.device)  # [B, H_kv, T]
-        self.k[layer].scatter_(2, slot[..., None].expand_as(k), k)
-        self.v[layer].scatter_(2, slot[..., None].expand_as(v), v)
-        self.pos[layer].scatter_(2, slot, pos[:, None, :].expand_as(slot))
-        self.length[layer] += T
-        return self.k[layer], self.v[layer], self.pos[layer]
+        kb, vb, pb, length = (self._buf(name, layer) for name in ("k", "v", "pos", "length"))
+        slot = length[..., None] + torch.arange(T, device=k.device)  # [B, H_kv, T]
+        kb.scatter_(2, slot[..., None].expand_as(k), k)
+        vb.scatter_(2, slot[..., None].expand_as(v), v)
+        pb.scatter_(2, slot, pos[:, None, :].expand_as(slot))
+        length += T
+        return kb, vb, pb
 
     def attend(self, layer: int, q, k, v, q_pos):
         if not self.flex:
-            return grouped_attention(q, k, v, position_mask(self.pos[layer], q_pos))
+            return grouped_attention(q, k, v, position_mask(self._buf("pos", layer), q_pos))
         from torch.nn.attention.flex_attention import flex_attention
         # CPU inductor (torch 2.13) emits C++ that fails to compile when its flash-decoding path
         # splits the KV axis into several partitions; one partition spanning the capacity works
@@ -236,19 +241,19 @@ class StaticKVCache(nn.Module):
         ops) rather than `create_block_mask`, which evaluates the mask over the whole capacity and
         costs far more per step."""
         from torch.nn.attention.flex_attention import BlockMask
-        B, H, C = self.pos[layer].shape
-        n_blocks = -(-self.length[layer] // self.BLOCK)  # [B, H_kv]
+        B, H, C = self._buf("pos", layer).shape
+        n_blocks = -(-self._buf("length", layer) // self.BLOCK)  # [B, H_kv]
         n_blocks = n_blocks.repeat_interleave(self.group, dim=1)[:, :, None].to(torch.int32)  # [B, H_q, 1]
         idx = torch.arange(C // self.BLOCK, device=q_pos.device, dtype=torch.int32).expand(B, H * self.group, 1, -1)
         return BlockMask.from_kv_blocks(n_blocks, idx, BLOCK_SIZE=self.BLOCK, seq_lengths=(q_pos.shape[1], C),
-                                        mask_mod=cache_mask_mod(self.pos[layer], q_pos, self.group))
+                                        mask_mod=cache_mask_mod(self._buf("pos", layer), q_pos, self.group))
 
     def kept(self) -> torch.Tensor:
         return torch.stack(self.length)
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[2]
+        return self._buf("k", 0).shape[2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +336,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # RoPE frequencies stay fp32 whatever dtype the weights move to: in bf16 they would put a
+        # phase error of several radians on positions in the thousands
+        inv_freq = rope_inv_freq(self.args) if self.inv_freq.is_meta else self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     def new_cache(self) -> KVCache:
         return KVCache(self.args.n_layers)
