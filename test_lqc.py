@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, example, given, settings, strategies as st
 
 import generate as G
 import lqc
@@ -696,6 +696,109 @@ def test_fast_path_equals_readable_path(lengths, budget, group, method, seed):
         assert toks[b] == ref_toks
         for a, r in zip(logits[b], ref_logits):
             torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+
+
+def readable_batch(model, prompts, cfg, steps, eos_ids=()):
+    """The readable path (growing KVCache, per-layer eviction) on a left-padded batch."""
+    x, pad = G.left_pad(prompts, "cpu")
+    pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o", pad=pad)
+    cache, _ = G.evict(cfg, model, pre, eos_ids=eos_ids)
+    kept = [[[set(p[b, h][p[b, h] >= 0].tolist()) for h in range(p.shape[1])] for p in cache.pos]
+            for b in range(len(prompts))]
+    return kept, G.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=steps, eos_ids=eos_ids)
+
+
+@settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(lengths=st.lists(st.integers(5, 60), min_size=2, max_size=3), budget=st.integers(3, 40), group=GROUPS,
+       method=st.sampled_from(lqc.METHOD_NAMES), seed=st.integers(0, 5))
+@example(lengths=[60, 41], budget=24, group=(4, 2), method="adakv", seed=0)  # padding leaked into Ada-KV's shares
+@example(lengths=[50, 20], budget=32, group=(4, 2), method="pyramidkv", seed=1)  # a short row lost its recent entries
+def test_readable_batch_equals_each_row_alone(lengths, budget, group, method, seed):
+    model = tiny(*group, n_layers=3)
+    cfg = small_cfg(method, budget)
+    prompts = [rand_ids(model, n, seed + i)[0].tolist() for i, n in enumerate(lengths)]
+    kept, toks = readable_batch(model, prompts, cfg, steps=8)
+    for b, ids in enumerate(prompts):
+        ref_kept, _, ref_toks = readable_row(model, ids, cfg, steps=8)
+        assert kept[b] == ref_kept, f"row {b}: kept positions differ"
+        assert toks[b] == ref_toks
+
+
+@pytest.mark.parametrize("method", ["laq", "laqpp"])
+def test_lookahead_stops_when_the_first_pseudo_token_is_eos(method):
+    model = tiny(4, 2, n_layers=3)
+    prompts = [rand_ids(model, 50, 21)[0].tolist(), rand_ids(model, 44, 22)[0].tolist()]
+    cfg = small_cfg(method, 12, lookahead=6)
+    pre = G.prefill(model, torch.tensor([prompts[0]]), chunk=16, keep_queries=cfg.obs_window)
+    eos = pre.obs.logits.argmax(-1).item()  # row 0's first pseudo token (and first real token) is EOS
+    snap = [lqc.select(lqc.score_snapkv(q, k, pre.obs.obs_pos, p, window=8), 12, 8)
+            for q, k, p in zip(pre.obs.obs_q, pre.cache.k, pre.cache.pos)]
+    _, ppos = lqc.lookahead(G.query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([50]), 6, (eos,))
+    assert ppos.tolist() == [[50]]  # fed once (LAQ needs a query), then stopped
+    kept, _ = readable_batch(model, prompts, cfg, steps=2, eos_ids=(eos,))
+    for b, ids in enumerate(prompts):
+        ref_kept, _, _ = readable_row(model, ids, cfg, steps=2, eos_ids=(eos,))
+        assert kept[b] == ref_kept, f"row {b}"
+
+
+@pytest.mark.parametrize("method", EVICTING)
+def test_budget_below_prompt_below_window_keeps_the_budget(method):
+    # budget < prompt length <= observation window used to crash in max_pool1d on an empty tensor
+    model = tiny(4, 2)
+    for L, budget in [(10, 4), (32, 31), (5, 1)]:
+        cfg = lqc.EvictConfig(method=method, budget=budget, window=32, window_laqpp=32, lookahead=2)
+        _, _, _, cache, indices = evict_and_decode(model, rand_ids(model, L, L), cfg, steps=2)
+        assert indices is not None
+        for idx in indices:
+            kept = (idx < L).sum(-1)
+            if method == "pyramidkv":
+                assert kept.float().mean() <= L
+            else:
+                assert (kept == budget).all(), (L, budget, kept)
+
+
+def test_rope_frequencies_and_static_cache_survive_dtype_moves():
+    model = tiny(4, 2).to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.inv_freq, M.rope_inv_freq(model.args), atol=0, rtol=0)
+    static = M.StaticKVCache(2, 1, 2, 8, 16, 2, torch.float32, "cpu").to(torch.float64)
+    k = torch.randn(1, 2, 3, 16, dtype=torch.float64)
+    static.update(0, k, k, torch.tensor([[0, 1, 2]]))
+    assert static.k[0].dtype == torch.float64 and torch.equal(static.k[0][:, :, :3], k)
+    assert static.length[0].tolist() == [[3, 3]]
+
+
+def test_pasted_lqc_py_runs_alone(tmp_path):
+    """lqc.py copied alone into an empty folder: score -> select -> gather and the lookahead with a
+    toy step function, with only torch."""
+    import shutil
+    shutil.copy(Path(__file__).parent / "lqc.py", tmp_path / "lqc.py")
+    script = """
+import torch, lqc
+assert lqc.__file__.startswith(%r)
+g = torch.Generator().manual_seed(0)
+B, Hq, Hkv, L, D, V = 1, 4, 2, 40, 8, 11
+k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+pos = torch.arange(L).expand(B, Hkv, L)
+q = torch.randn(B, Hq, 8, D, generator=g)
+scores = lqc.score_snapkv(q, k, torch.arange(L - 8, L)[None], pos, window=8)
+idx = lqc.select(scores, 12, keep_last=8)
+k2, v2, pos2 = lqc.gather(idx, k, v, pos)
+assert k2.shape == (B, Hkv, 12, D) and pos2[0, 0, -8:].tolist() == list(range(32, 40))
+wq, wo = torch.randn(V, Hq * D, generator=g), torch.randn(Hq * D, V, generator=g)
+def step(tokens, p):  # a toy model: queries and logits from the token alone
+    qs = wq[tokens[:, 0]].view(B, Hq, 1, D)
+    return qs.flatten(1) @ wo, [qs, qs]
+pq, pp = lqc.lookahead(step, torch.randn(B, V, generator=g), torch.tensor([L]), 4)
+assert len(pq) == 2 and pq[0].shape == (B, Hq, 4, D) and pp.tolist() == [[40, 41, 42, 43]]
+laq = lqc.select(lqc.score_laq(pq[0], k, pp, pos), 12)
+print("ok", lqc.gather(laq, k, v, pos)[0].shape[2])
+""" % str(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-s", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok 12", r.stderr
+    imports = [l for l in (tmp_path / "lqc.py").read_text().splitlines() if l.startswith(("import ", "from "))]
+    assert all(l.split()[1].split(".")[0] in ("__future__", "math", "dataclasses", "typing", "torch") for l in imports)
 
 
 @pytest.mark.parametrize("method,budget", [("snapkv", 12), ("adakv", 12), ("pyramidkv", 12), ("laqpp", 9)])
