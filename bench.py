@@ -107,7 +107,8 @@ def bench_length(model, tok, n, args, steps_fns, device) -> list[dict]:
         for m in args.methods:
             state = pre
             if m == "h2o":
-                state = G.Prefill(pre.cache, replace(pre.obs, mass=G.prefill(model, ids, chunk=args.prefill_chunk, h2o=True).obs.mass))
+                mass = G.prefill(model, ids, chunk=args.prefill_chunk, h2o=True).obs.mass
+                state = G.Prefill(pre.cache, replace(pre.obs, mass=mass))
             for b in args.budgets:
                 cfg = lqc.EvictConfig(method=m, budget=b, window=args.window)
                 (cache, _), dt = timed(lambda: G.evict(cfg, model, state, eos_ids=tok.eos_ids), device)
@@ -166,7 +167,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--window", type=int, default=32)
-    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens per prefill forward (default: the whole prompt in one causal pass; 512 for padded "
+                        "batches and H2O)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

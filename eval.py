@@ -368,7 +368,8 @@ def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
     methods = [m for m in methods if m != "full"]
     fig, axes = plt.subplots(len(methods), 1, figsize=(10, 1.4 * len(methods)), squeeze=False)
     for ax, m in zip(axes[:, 0], methods):
-        pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp), h2o=m == "h2o")
+        pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp),
+                        h2o=m == "h2o")
         _, indices = G.evict(evict_config(args, m, budget), model, pre, eos_ids=tok.eos_ids)
         rows = torch.zeros(len(indices) * indices[0].shape[1], L)
         for l, idx in enumerate(indices):
@@ -409,7 +410,9 @@ def parse_args(argv=None):
     p.add_argument("--lookahead", type=int, default=8)
     p.add_argument("--pool", default="max", choices=["max", "avg"])
     p.add_argument("--pool-kernel", type=int, default=7)
-    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens per prefill forward (default: the whole prompt in one causal pass; 512 for padded "
+                        "batches and H2O)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="out/eval", help="folder for results.json, results.md and figures")

@@ -46,13 +46,17 @@ class Prefill:
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor, *, chunk: int = 512, keep_queries: int = 0, h2o: bool = False,
+def prefill(model, ids: torch.Tensor, *, chunk: int | None = None, keep_queries: int = 0, h2o: bool = False,
             pad: torch.Tensor | None = None) -> Prefill:
-    """Run the prompts `[B, L]` through the model in chunks of `chunk` tokens (attention is then
-    chunk x L, never L x L). Rows may be left-padded by `pad[b]` tokens: padding gets position -1
-    and is never seen by real tokens. Keeps the last `keep_queries` queries per layer and, for H2O,
-    the attention mass every key receives from all prompt queries."""
+    """Run the prompts `[B, L]` through the model in chunks of `chunk` tokens. By default the whole
+    prompt goes in one pass, where attention is causal and needs no mask (the fastest); rows
+    left-padded by `pad[b]` tokens (padding gets position -1 and is never seen by real tokens) and
+    H2O (which needs every query) go in chunks of 512, so their masks and queries stay chunk x L.
+    Keeps the last `keep_queries` queries per layer and, for H2O, the attention mass every key
+    receives from all prompt queries."""
     B, L = ids.shape
+    if chunk is None:
+        chunk = L if pad is None and not h2o else 512
     cache = model.new_cache()
     pos_all = torch.arange(L, device=ids.device).expand(B, L)  # [B, L]
     if pad is not None:
@@ -61,7 +65,8 @@ def prefill(model, ids: torch.Tensor, *, chunk: int = 512, keep_queries: int = 0
     want_q = keep_queries > 0 or h2o
     for s in range(0, L, chunk):
         pos = pos_all[:, s:s + chunk]
-        out = model(ids[:, s:s + chunk], pos, cache, return_queries=want_q)
+        out = model(ids[:, s:s + chunk], pos, cache, return_queries=want_q, last_logits=1,
+                    last_queries=None if h2o else keep_queries)
         logits, qs = out if want_q else (out, None)
         if h2o:
             mass = [lqc.accumulate_mass(None if mass is None else mass[l], q, cache.k[l], pos, cache.pos[l])
@@ -194,7 +199,7 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_tokens=256, prefill_chunk=512,
+def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_tokens=256, prefill_chunk=None,
               eos_ids=(), sampling: Sampling = Sampling(), on_token=None, fast=False, compile=False, step=None):
     """Prefill, evict, decode a batch of prompts (left-padded; each row evicted on its own).
     fast: decode over a static compacted cache; compile: also a compiled decode step over
@@ -276,7 +281,9 @@ def parse_args(argv=None):
     p.add_argument("--lookahead", type=int, default=8, help="pseudo tokens of LAQ / LAQ++")
     p.add_argument("--pool", default="max", choices=["max", "avg"])
     p.add_argument("--pool-kernel", type=int, default=7)
-    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens per prefill forward (default: the whole prompt in one causal pass; 512 for padded "
+                        "batches and H2O)")
     p.add_argument("--fast", action="store_true", help="decode over a static (fixed-capacity) compacted cache")
     p.add_argument("--compile", action="store_true",
                    help="--fast plus torch.compile of the decode step over FlexAttention (the first step compiles, "
@@ -317,7 +324,7 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
          compile=False):
     cfg = lqc.EvictConfig(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,
                           kernel=pool_kernel, pool=pool)
-    if max_new_tokens <= 0 or prefill_chunk <= 0:
+    if max_new_tokens <= 0 or prefill_chunk is not None and prefill_chunk <= 0:
         raise ValueError("--max-new-tokens and --prefill-chunk must be > 0")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")

@@ -138,7 +138,7 @@ class KVCache:
         return self.k[layer], self.v[layer], self.pos[layer]
 
     def attend(self, layer: int, q, k, v, q_pos):
-        return grouped_attention(q, k, v, position_mask(self.pos[layer], q_pos))
+        return grouped_attention(q, k, v, q_pos, self.pos[layer])
 
     def gather(self, indices: list[torch.Tensor]) -> "KVCache":
         """A new cache holding, per layer, the entries `indices[l]` `[B, H_kv, K]` (sorted; index T
@@ -228,7 +228,7 @@ class StaticKVCache(nn.Module):
 
     def attend(self, layer: int, q, k, v, q_pos):
         if not self.flex:
-            return grouped_attention(q, k, v, position_mask(self._buf("pos", layer), q_pos))
+            return grouped_attention(q, k, v, q_pos, self._buf("pos", layer))
         from torch.nn.attention.flex_attention import flex_attention
         # CPU inductor (torch 2.13) emits C++ that fails to compile when its flash-decoding path
         # splits the KV axis into several partitions; one partition spanning the capacity works
@@ -290,16 +290,32 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, Hq * D)), q
 
 
-def grouped_attention(q, k, v, mask):
-    """GQA without repeating K/V: the G query heads of a KV head are folded into the query-length
-    axis, so one SDPA call per KV head serves the whole group (and is fast in bf16 on CPU).
-    q `[B, H_q, T, D]`, k/v `[B, H_kv, S, D]`, mask `[B, H_kv, T, S]` -> `[B, H_q, T, D]`."""
+def grouped_attention(q, k, v, q_pos, k_pos):
+    """Attention of queries at positions q_pos `[B, T]` over keys at k_pos `[B, H_kv, S]`, masked by
+    position (`lqc.visible`), GQA without repeating K/V. q `[B, H_q, T, D]`, k/v `[B, H_kv, S, D]`
+    -> `[B, H_q, T, D]`."""
+    if is_causal_block(q_pos, k_pos):
+        # the position mask is exactly the causal one: SDPA's causal kernel skips the upper
+        # triangle instead of reading (and converting) a materialized mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv  # query head h reads KV head h // G
+    # the G query heads of a KV head folded into the query-length axis: one SDPA call per KV head
+    # serves the group (and is fast in bf16 on CPU, unlike enable_gqa with one query)
     qg = q.reshape(B, Hkv, G * T, D)
+    mask = position_mask(k_pos, q_pos)  # [B, H_kv, T, S]
     mg = mask[:, :, None].expand(B, Hkv, G, T, S).reshape(B, Hkv, G * T, S)
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=mg).view(B, Hq, T, D)
+
+
+def is_causal_block(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
+    """Whether the keys are the queries' own tokens (a prompt prefilled from an empty cache) at
+    increasing positions without padding: then `visible` is the lower triangle."""
+    if k_pos.shape[-1] != q_pos.shape[-1]:
+        return False
+    return bool((q_pos >= 0).all() and (q_pos[:, 1:] > q_pos[:, :-1]).all()
+                and torch.equal(k_pos, q_pos[:, None].expand_as(k_pos)))
 
 
 class FeedForward(nn.Module):
@@ -348,17 +364,20 @@ class Transformer(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.args.n_layers)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache, return_queries: bool = False):
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache, return_queries: bool = False, *,
+                last_logits: int | None = None, last_queries: int | None = None):
         """tokens, pos `[B, T]` -> logits `[B, T, V]` (fp32); with `return_queries`, also the post-RoPE
-        queries of these tokens per layer, a list of `[B, H_q, T, D]`. The cache grows by T."""
+        queries of these tokens per layer, a list of `[B, H_q, T, D]`. The cache grows by T.
+        last_logits / last_queries: only those of the last n tokens (a prefill needs the final
+        logits and a few queries, not `[B, L, V]`)."""
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         queries = []
         for block in self.layers:
             x, q = block(x, cos, sin, pos, cache)
             if return_queries:
-                queries.append(q)
-        x = self.norm(x)
+                queries.append(q if last_queries is None else q[:, :, -last_queries:])
+        x = self.norm(x if last_logits is None else x[:, -last_logits:])
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = F.linear(x, head).float()
         return (logits, queries) if return_queries else logits

@@ -757,6 +757,27 @@ def test_budget_below_prompt_below_window_keeps_the_budget(method):
                 assert (kept == budget).all(), (L, budget, kept)
 
 
+@pytest.mark.parametrize("method", ["snapkv", "laqpp", "pyramidkv"])
+def test_one_pass_causal_prefill_equals_the_chunked_masked_one(method):
+    model = tiny(4, 2, n_layers=3)
+    cfg = small_cfg(method, 10)
+    ids = rand_ids(model, 45, 4)
+    fast = G.prefill(model, ids, keep_queries=cfg.obs_window)  # one pass, no mask
+    ref = G.prefill(model, ids, chunk=7, keep_queries=cfg.obs_window)  # chunks with the position mask
+    torch.testing.assert_close(fast.obs.logits, ref.obs.logits, atol=1e-5, rtol=1e-5)
+    for a, b in [(fast.cache.k, ref.cache.k), (fast.cache.v, ref.cache.v), (fast.obs.obs_q, ref.obs.obs_q)]:
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(fast.cache.pos, ref.cache.pos))
+    assert torch.equal(fast.obs.obs_pos, ref.obs.obs_pos)
+    _, kept_fast = G.evict(cfg, model, fast)
+    _, kept_ref = G.evict(cfg, model, ref)
+    assert all(torch.equal(x, y) for x, y in zip(kept_fast, kept_ref))
+    # a left-padded batch takes the masked path and still equals each row alone
+    kept, _ = readable_batch(model, [ids[0].tolist(), ids[0, :30].tolist()], cfg, steps=1)
+    assert kept[0] == [[set(i[0, h].tolist()) for h in range(i.shape[1])] for i in kept_fast]
+
+
 def test_rope_frequencies_and_static_cache_survive_dtype_moves():
     model = tiny(4, 2).to(torch.bfloat16)
     assert model.inv_freq.dtype == torch.float32
