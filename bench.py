@@ -15,6 +15,7 @@ a shared machine are noisy; trust the ratios measured within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -157,6 +158,91 @@ def markdown(rows, args) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Peers: transformers (full cache) and kvpress's SnapKVPress, in this process, on the same prompt ids
+
+def load_peer(ckpt: str, dtype):
+    """The same checkpoint as a transformers model (a GGUF through transformers' own reader)."""
+    from transformers import AutoModelForCausalLM
+    from checkpoint import resolve_checkpoint
+    path = resolve_checkpoint(ckpt)
+    kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+    src = path.parent if path.suffix == ".gguf" else path
+    return AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype, attn_implementation="sdpa", **kw).eval()
+
+
+@torch.no_grad()
+def end_to_end(run_fn, new_tokens: int, reps: int) -> dict:
+    """Medians over reps of the (prefill s, end-to-end s) that run_fn measures, prefilling and
+    decoding exactly new_tokens tokens; decode ms/token is derived from the two."""
+    pre, tot = zip(*[run_fn() for _ in range(reps)])
+    p, e = statistics.median(pre), statistics.median(tot)
+    return dict(prefill_s=p, end_to_end_s=e, decode_ms=1000 * (e - p) / new_tokens)
+
+
+def peer_rows(model, tok, args, device, dtype) -> list[dict]:
+    """lqc (full cache; snapkv at --peer-budget) against transformers (full cache) and kvpress's
+    SnapKVPress keeping the same count, end to end: prefill (+ eviction) + --peer-tokens greedy tokens."""
+    import kvpress
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    hf = load_peer(args.ckpt, dtype).to(device)
+    n_new, budget, rows = args.peer_tokens, args.peer_budget, []
+
+    def lqc_run(ids, cfg):
+        def fn():
+            t = time.perf_counter()
+            _, stats = G.run(model, ids, cfg, max_new_tokens=n_new, eos_ids=())  # no EOS: exactly n_new tokens
+            return stats.prefill_s + stats.evict_s, time.perf_counter() - t
+        return fn
+
+    def hf_run(x, press=None):
+        def timed_call(fn):
+            t = time.perf_counter()
+            with press(hf) if press else contextlib.nullcontext():
+                fn()
+            return time.perf_counter() - t
+
+        def fn():  # the prefill (with the press's compression) alone, then a whole generate
+            return (timed_call(lambda: hf(x, logits_to_keep=1)),
+                    timed_call(lambda: hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                                   pad_token_id=0)))
+        return fn
+
+    for n in args.lengths:
+        ids = prompt_ids(tok, n)
+        x = torch.tensor([ids], device=device)
+        snap = kvpress.SnapKVPress(compression_ratio=1 - budget / n, window_size=args.window, kernel_size=7)
+        runs = {"lqc full": lqc_run(ids, lqc.EvictConfig(method="full")),
+                "transformers full": hf_run(x),
+                f"lqc snapkv {budget}": lqc_run(ids, lqc.EvictConfig(method="snapkv", budget=budget, window=args.window)),
+                f"kvpress SnapKVPress {budget}": hf_run(x, snap)}
+        for name, fn in runs.items():
+            fn()  # warm-up
+        for name, fn in runs.items():
+            row = dict(length=n, system=name, **end_to_end(fn, n_new, args.reps))
+            rows.append(row)
+            print(f"L={n} {name}: prefill {row['prefill_s']:.2f} s, decode {row['decode_ms']:.1f} ms/token, "
+                  f"end to end {row['end_to_end_s']:.2f} s", file=sys.stderr)
+    return rows
+
+
+def peer_markdown(rows, budget) -> str:
+    lines = ["| L | system | prefill s | decode ms/token | end to end s | ratio to peer (prefill, decode, e2e) |",
+             "|---|---|---|---|---|---|"]
+    by = {(r["length"], r["system"]): r for r in rows}
+    peer_of = {"lqc full": "transformers full", f"lqc snapkv {budget}": f"kvpress SnapKVPress {budget}"}
+    for r in rows:
+        ratio = ""
+        if r["system"] in peer_of:
+            p = by[(r["length"], peer_of[r["system"]])]
+            ratio = " / ".join(f"{r[k] / p[k]:.2f}" for k in ("prefill_s", "decode_ms", "end_to_end_s"))
+        lines.append(f"| {r['length']} | {r['system']} | {r['prefill_s']:.2f} | {r['decode_ms']:.1f} | "
+                     f"{r['end_to_end_s']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = G.ArgParser(description="Benchmark prefill, eviction overhead and decode speed with compacted caches.")
     p.add_argument("--ckpt", default="smollm2")
@@ -171,6 +257,11 @@ def parse_args(argv=None):
                    help="tokens per prefill forward (default: the whole prompt in one causal pass; 512 for padded "
                         "batches and H2O)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
+    p.add_argument("--peers", action="store_true",
+                   help="also run transformers (full cache) and kvpress SnapKVPress on the same prompts, end to end "
+                        "(needs requirements-hf.txt); only the peer table")
+    p.add_argument("--peer-tokens", type=int, default=64, help="new tokens per end-to-end peer run")
+    p.add_argument("--peer-budget", type=int, default=256, help="entries kept by lqc snapkv and SnapKVPress")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="out/bench")
@@ -188,6 +279,15 @@ def main(args):
     if not args.no_compile:
         flex = G.flex_available(device)
         steps["compiled"] = (G.make_step(model, compile=True), flex)
+    if args.peers:
+        rows = peer_rows(model, tok, args, device, dtype)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "peers.json").write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows}, indent=1))
+        table = peer_markdown(rows, args.peer_budget)
+        (out / "peers.md").write_text(table + "\n")
+        print(table)
+        return rows
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache capacity
     rows = []
     for n in args.lengths:
