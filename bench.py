@@ -76,7 +76,7 @@ def decode_tok_s(model, cache, logits, next_pos, steps: int, warmup: int, step) 
     device = logits.device
     tok, times = logits.argmax(-1), []
     for i in range(warmup + steps):
-        out, dt = timed(lambda: step(tok[:, None], (next_pos + i)[:, None], cache), device)
+        (out, _), dt = timed(lambda: step(tok[:, None], (next_pos + i)[:, None], cache), device)
         tok = out.argmax(-1)
         if i >= warmup:
             times.append(dt)

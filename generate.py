@@ -137,31 +137,68 @@ class Stats:
     prompt_tokens: int = 0
     kept: int = 0
     prefill_s: float = 0.0
-    evict_s: float = 0.0
+    evict_s: float = 0.0  # without compilation
     new_tokens: int = 0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # without compilation
+    compile_s: float = 0.0  # the compiled step's first call (compiles once per cache capacity)
 
     def line(self) -> str:
         tps = self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+        compiled = f" | compile {self.compile_s:.1f} s" if self.compile_s else ""
         return (f"prompt {self.prompt_tokens} tok | KV kept {self.kept}/{self.prompt_tokens} per head per layer | "
                 f"prefill {self.prefill_s:.2f} s ({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s) | "
-                f"evict {self.evict_s:.3f} s | decode {self.new_tokens} tok at {tps:.1f} tok/s")
+                f"evict {self.evict_s:.3f} s | decode {self.new_tokens} tok at {tps:.1f} tok/s{compiled}")
 
 
-def query_step(model, cache):
-    """LAQ's lookahead step over `cache`, which it grows: tokens, pos `[B, 1]` -> (logits `[B, V]`,
-    post-RoPE queries per layer `[B, H_q, 1, D]`)."""
-    def step(tokens, pos):
+def model_step(model):
+    """One decode step: tokens, pos `[B, 1]` and a cache it grows -> (logits `[B, V]`, post-RoPE
+    queries per layer `[B, H_q, 1, D]`). The queries cost nothing extra and let one (compiled)
+    step serve both LAQ's lookahead and decoding."""
+    def step(tokens, pos, cache):
         logits, queries = model(tokens, pos, cache, return_queries=True)
         return logits[:, -1], queries
     return step
 
 
-def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=()):
+def query_step(model, cache):
+    """LAQ's lookahead step over the readable `cache`, which it grows (see `lqc.lookahead`)."""
+    step = model_step(model)
+    return lambda tokens, pos: step(tokens, pos, cache)
+
+
+@dataclass
+class FastPath:
+    """Decoding over static (fixed-capacity) caches with one step function, compiled or not.
+    The lookahead's compacted copy gets the same capacity as the decode cache where it can, so a
+    compiled step serves both without compiling twice."""
+    step: object  # model_step(model), maybe compiled
+    extra: int  # room for new tokens beyond the kept entries
+    flex: bool = False  # FlexAttention block masks (the compiled path)
+    compile_s: float = 0.0  # time of the step's first call when compiled
+
+    def pack(self, model, cache):
+        return to_static(model, cache, self.extra, self.flex)
+
+    def __call__(self, tokens, pos, cache):
+        if self.compile_s or not self.flex:
+            return self.step(tokens, pos, cache)
+        t = time.perf_counter()
+        out = self.step(tokens, pos, cache)
+        self.compile_s = time.perf_counter() - t
+        return out
+
+
+def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=(), fast: FastPath | None = None):
     """The eviction step between prefill and decode: returns the compacted cache and the kept
-    indices per layer (None when nothing was evicted). LAQ's lookahead runs on a compacted copy."""
+    indices per layer (None when nothing was evicted). LAQ's lookahead runs on a compacted copy:
+    a readable cache, or on the fast path a static one with the fast path's step."""
+    def lookahead_step(kept):
+        if fast is None:
+            return query_step(model, pre.cache.gather(kept))
+        scratch = fast.pack(model, pre.cache.gather(kept))
+        return lambda tokens, pos: fast(tokens, pos, scratch)
     indices = lqc.plan_eviction(cfg, pre.obs, keys=pre.cache.k, positions=pre.cache.pos, eos_ids=eos_ids,
-                                lookahead_step=lambda kept: query_step(model, pre.cache.gather(kept)))
+                                lookahead_step=lookahead_step)
     return (pre.cache, None) if indices is None else (pre.cache.gather(indices), indices)
 
 
@@ -174,10 +211,9 @@ def flex_available(device: torch.device) -> bool:
 
 
 def make_step(model, compile: bool):
-    """The single-token decode step, compiled on request (CUDA graphs on CUDA). Its shapes never
-    change over a StaticKVCache, so it compiles once."""
-    def step(tokens, pos, cache):
-        return model(tokens, pos, cache)[:, -1]
+    """The single-token step (`model_step`), compiled on request (CUDA graphs on CUDA). Its shapes
+    never change over a StaticKVCache of one capacity, so it compiles once per capacity."""
+    step = model_step(model)
     if not compile:
         return step
     device = model.tok_embeddings.weight.device
@@ -202,27 +238,31 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
 def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_tokens=256, prefill_chunk=None,
               eos_ids=(), sampling: Sampling = Sampling(), on_token=None, fast=False, compile=False, step=None):
     """Prefill, evict, decode a batch of prompts (left-padded; each row evicted on its own).
-    fast: decode over a static compacted cache; compile: also a compiled decode step over
-    FlexAttention. Returns (new token ids per row, Stats)."""
+    fast: the lookahead and decoding over static compacted caches; compile: with a compiled step
+    over FlexAttention. step: a `model_step`-like function to use on the fast path (tests pass a
+    compiled one to count its graphs). Returns (new token ids per row, Stats)."""
     device = model.tok_embeddings.weight.device
     x, pad = left_pad(prompts, device)  # [B, L], [B]
     stats = Stats(prompt_tokens=x.shape[1])
-    fast = fast or compile
+    fp = None
+    if fast or compile:
+        fp = FastPath(step or make_step(model, compile), max(max_new_tokens, cfg.lookahead),
+                      flex=compile and flex_available(device))
     t0 = time.perf_counter()
     pre = prefill(model, x, chunk=prefill_chunk, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o",
                   pad=pad if pad.any() else None)
     t1 = time.perf_counter()
-    cache, _ = evict(cfg, model, pre, eos_ids=eos_ids)
-    if fast:
-        cache = to_static(model, cache, max_new_tokens, flex=compile and flex_available(device))
+    cache, _ = evict(cfg, model, pre, eos_ids=eos_ids, fast=fp)
+    cache = fp.pack(model, cache) if fp else cache
     t2 = time.perf_counter()
+    evict_compile = fp.compile_s if fp else 0.0  # the lookahead may have compiled the step
     stats.kept = int(cache.kept()[:, 0].float().mean().round())  # row 0, mean over layers and KV heads
-    if step is None and fast:
-        step = make_step(model, compile)
     out = decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                 sampling=sampling, on_token=on_token, step=step)
+                 sampling=sampling, on_token=on_token, step=(lambda t, p, c: fp(t, p, c)[0]) if fp else None)
     t3 = time.perf_counter()
-    stats.prefill_s, stats.evict_s, stats.decode_s, stats.new_tokens = t1 - t0, t2 - t1, t3 - t2, len(out[0])
+    stats.compile_s = fp.compile_s if fp else 0.0
+    stats.prefill_s, stats.evict_s = t1 - t0, t2 - t1 - evict_compile
+    stats.decode_s, stats.new_tokens = t3 - t2 - (stats.compile_s - evict_compile), len(out[0])
     return out, stats
 
 

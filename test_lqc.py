@@ -673,8 +673,9 @@ def fast_batch(model, prompts, cfg, steps, flex=False, eos_ids=()):
     x = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
     next_pos = torch.tensor([len(p) for p in prompts])
     pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o", pad=pad)
-    cache, _ = G.evict(cfg, model, pre, eos_ids=eos_ids)
-    static = G.to_static(model, cache, steps, flex=flex)
+    fast = G.FastPath(G.make_step(model, compile=False), max(steps, cfg.lookahead), flex=flex)
+    cache, _ = G.evict(cfg, model, pre, eos_ids=eos_ids, fast=fast)  # the lookahead over a static cache
+    static = fast.pack(model, cache)
     kept = [[[set(p[b, h][p[b, h] >= 0].tolist()) for h in range(p.shape[1])] for p in static.pos] for b in range(B)]
     seen = []
     step = lambda t, p, c: seen.append(model(t, p, c)[:, -1]) or seen[-1]
@@ -857,12 +858,14 @@ def test_mask_mod_feeds_both_the_dense_mask_and_the_block_mask():
     assert ours.kv_num_blocks[:, ::G_, 0].tolist() == [[1, 2], [2, 0]]
 
 
-def test_compiled_decode_step_compiles_once():
+@pytest.mark.parametrize("method", ["snapkv", "laqpp"])
+def test_compiled_decode_step_compiles_once(method):
+    # for LAQ the same compiled step also runs the lookahead, over a static copy of one capacity
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     model = tiny(4, 2)
     ids = rand_ids(model, 40)[0].tolist()
-    cfg = small_cfg("snapkv", 16)
+    cfg = small_cfg(method, 16)
     ref, _ = G.run(model, ids, cfg, max_new_tokens=20)
     graphs = []
     compiled = G.make_step(model, compile=True)
@@ -872,8 +875,9 @@ def test_compiled_decode_step_compiles_once():
         graphs.append(counters["stats"]["unique_graphs"])
         return out
     out, stats = G.run(model, ids, cfg, max_new_tokens=20, fast=True, compile=True, step=step)
-    assert out == ref and len(graphs) == 19
+    assert out == ref and len(graphs) == 19 + (cfg.lookahead if method == "laqpp" else 0)
     assert graphs[0] >= 1 and graphs[-1] == graphs[0], f"recompiled: {graphs}"
+    assert stats.compile_s > 0 and "compile" in stats.line()
 
 
 # ----------------------------------------------------------------------------------------------
