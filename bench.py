@@ -16,18 +16,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import importlib.util
 import statistics
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import cli
+
+if __name__ == "__main__":
+    cli.quiet_ctrl_c()  # before the slow imports below
+
 import torch
 
 import generate as G
 import lqc
 from checkpoint import load
+from cli import BadInput
 
 EVICT_METHODS = ("laq", "laqpp", "snapkv", "h2o")
 
@@ -83,14 +89,18 @@ def decode_tok_s(model, cache, logits, next_pos, steps: int, warmup: int, step) 
     return 1.0 / statistics.median(times)
 
 
+QUESTION = " What did the baker repair?"
+
+
 def prompt_ids(tok, n: int, seed: int = 0) -> list[int]:
-    """A prompt of exactly n tokens: varied filler (eval.py's) with a question at the end."""
+    """A prompt of exactly n tokens (n > the question's tokens): varied filler (eval.py's) with a
+    question at the end."""
     import random
     from eval import filler_sentences
-    ids, fill = [], filler_sentences(random.Random(seed))
+    ids, fill, question = [], filler_sentences(random.Random(seed)), tok.encode(QUESTION)
     while len(ids) < n:
         ids += tok.encode(" " + next(fill))
-    return ids[: n - 12] + tok.encode(" What did the baker repair?")[:12]
+    return ids[: n - len(question)] + question
 
 
 @torch.no_grad()
@@ -111,7 +121,7 @@ def bench_length(model, tok, n, args, steps_fns, device) -> list[dict]:
                 mass = G.prefill(model, ids, chunk=args.prefill_chunk, h2o=True).obs.mass
                 state = G.Prefill(pre.cache, replace(pre.obs, mass=mass))
             for b in args.budgets:
-                cfg = lqc.EvictConfig(method=m, budget=b, window=args.window)
+                cfg = cli.evict_config(method=m, budget=b, window=args.window)
                 (cache, _), dt = timed(lambda: G.evict(cfg, model, state, eos_ids=tok.eos_ids), device)
                 evict_s[m][b].append(dt)
                 if rep == 0 and m == args.methods[0]:
@@ -244,9 +254,10 @@ def peer_markdown(rows, budget) -> str:
 
 
 def parse_args(argv=None):
-    p = G.ArgParser(description="Benchmark prefill, eviction overhead and decode speed with compacted caches.")
+    p = cli.ArgParser(description="Benchmark prefill, eviction overhead and decode speed with compacted caches. "
+                                  + G.WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
     p.add_argument("--ckpt", default="smollm2")
-    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8000])
+    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8000], help="prompt lengths in tokens")
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512])
     p.add_argument("--methods", nargs="+", default=list(EVICT_METHODS), choices=list(lqc.METHODS))
     p.add_argument("--reps", type=int, default=3)
@@ -264,37 +275,87 @@ def parse_args(argv=None):
     p.add_argument("--peer-budget", type=int, default=256, help="entries kept by lqc snapkv and SnapKVPress")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", default="out/bench")
+    p.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     return p.parse_args(argv)
 
 
+OUTPUTS = ["bench.json", "bench.md", "peers.json", "peers.md"]
+SHORT = 256  # the full-cache reference prompt of the limit ratio
+
+
+def check_args(args) -> list[str]:
+    """Every flag, before any model work. Returns the notes on what lqc does with the window."""
+    cli.positive("--lengths", *args.lengths)
+    cli.positive("--budgets", *args.budgets)
+    for flag in ("lengths", "budgets", "methods"):
+        cli.distinct(f"--{flag}", getattr(args, flag))
+    for flag in ("reps", "steps", "peer_tokens"):
+        cli.at_least(cli.flag_name(flag), getattr(args, flag), 1)
+    if args.prefill_chunk is not None:
+        cli.positive("--prefill-chunk", args.prefill_chunk)
+    cli.at_least("--warmup", args.warmup, 0)
+    if args.peers:
+        check_peers(args)
+    notes = []
+    cli.check_grid(args.methods, args.budgets, notes, window=args.window)
+    return notes
+
+
+def check_peers(args):
+    if not 0 < args.peer_budget < min(args.lengths):
+        raise BadInput(f"--peer-budget must be > 0 and below every --lengths (got {args.peer_budget})")
+    missing = [m for m in ("transformers", "kvpress") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadInput(f"--peers needs {' and '.join(missing)}: pip install -r requirements-hf.txt")
+
+
+def check_lengths(args, tok, context: int, notes: list):
+    """After loading the tokenizer: every prompt can be built at its length and decoded within the context."""
+    shortest = len(tok.encode(QUESTION)) + 1
+    if min(args.lengths) < shortest:
+        raise BadInput(f"--lengths must be >= {shortest}, the question and one token of filler (got {min(args.lengths)})")
+    longest = max(*args.lengths, SHORT) + args.steps + args.warmup
+    if longest > context:
+        raise BadInput(f"--lengths up to {max(args.lengths, default=0)} + --steps + --warmup ({longest} tokens, with the "
+                       f"{SHORT}-token reference) exceed the model's context of {context}")
+    cli.budgets_note(args.budgets, args.lengths, notes)
+
+
+def write_results(out: Path, result: dict, complete: bool):
+    cli.write_json(out / "bench.json", {**result, "complete": complete})
+
+
 def main(args):
-    if min(args.lengths) <= 0 or min(args.budgets) <= 0 or args.reps <= 0 or args.steps <= 0:
-        raise ValueError("--lengths, --budgets, --reps and --steps must be > 0")
+    notes = check_args(args)
     device, dtype = G.check_device(args.device, args.dtype)
+    out = cli.check_out(args.out, args.overwrite)
     model, tok = load(args.ckpt, device, dtype)
-    if max(args.lengths) + args.steps + args.warmup > model.args.max_seq_len:
-        raise ValueError(f"--lengths up to {max(args.lengths)} exceed the model's context of {model.args.max_seq_len}")
+    check_lengths(args, tok, model.args.max_seq_len, notes)
+    for line in notes:
+        cli.note("bench.py", line)
+    cli.start_out(out, OUTPUTS)
+    if args.peers:
+        rows = peer_rows(model, tok, args, device, dtype)
+        cli.write_json(out / "peers.json", {"args": vars(args), "torch": torch.__version__, "rows": rows})
+        table = peer_markdown(rows, args.peer_budget)
+        cli.write_text(out / "peers.md", table + "\n")
+        cli.write_stdout(table + "\n")
+        return rows
     steps = {"eager": (G.make_step(model, compile=False), False)}
     if not args.no_compile:
         flex = G.flex_available(device)
         steps["compiled"] = (G.make_step(model, compile=True), flex)
-    if args.peers:
-        rows = peer_rows(model, tok, args, device, dtype)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "peers.json").write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows}, indent=1))
-        table = peer_markdown(rows, args.peer_budget)
-        (out / "peers.md").write_text(table + "\n")
-        print(table)
-        return rows
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache capacity
-    rows = []
+    result = {"args": vars(args), "device": str(device), "torch": torch.__version__, "rows": []}
     for n in args.lengths:
-        rows += bench_length(model, tok, n, args, steps, device)
+        result["rows"] += bench_length(model, tok, n, args, steps, device)
+        write_results(out, result, complete=False)  # an interrupted run keeps the lengths it finished
+    rows = result["rows"]
     # the limit: a long prompt evicted to 256 entries vs a 256-token prompt with the full cache
-    short = bench_length(model, tok, 256, argparse.Namespace(**{**vars(args), "budgets": [], "methods": []}), steps, device)[0]
-    result = {"args": vars(args), "device": str(device), "torch": torch.__version__, "rows": rows, "short_full": short}
+    short = bench_length(model, tok, SHORT, argparse.Namespace(**{**vars(args), "budgets": [], "methods": []}), steps,
+                         device)[0]
+    result["short_full"] = short
     at = [r for r in rows if r["length"] == max(args.lengths) and r["budget"] == 256]
     lines = [markdown(rows, args)]
     for name in steps:
@@ -302,18 +363,16 @@ def main(args):
         if at:
             result[f"limit_ratio_{name}"] = at[0][key] / short[key]
             lines.append(f"limit ratio ({name}): {at[0][key]:.1f} tok/s at L={max(args.lengths)}, budget 256 vs "
-                         f"{short[key]:.1f} tok/s at L=256, full cache -> {result[f'limit_ratio_{name}']:.2f}")
+                         f"{short[key]:.1f} tok/s at L={SHORT}, full cache -> {result[f'limit_ratio_{name}']:.2f}")
     if "compiled" in steps:
         ratios = [r["decode_compiled_tok_s"] / r["decode_eager_tok_s"] for r in rows]
         lines.append(f"compiled / eager decode speed: median {statistics.median(ratios):.2f} "
                      f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    cli.write_text(out / "bench.md", "\n".join(lines) + "\n")
+    write_results(out, result, complete=True)
+    cli.write_stdout("\n".join(lines) + "\n")
     return result
 
 
 if __name__ == "__main__":
-    G.exit_on_bad_input("bench.py", main, parse_args())
+    cli.exit_on_bad_input("bench.py", main, parse_args())

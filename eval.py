@@ -31,11 +31,17 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cli
+
+if __name__ == "__main__":
+    cli.quiet_ctrl_c()  # before the slow imports below
+
 import torch
 
 import generate as G
 import lqc
 from checkpoint import load
+from cli import BadInput
 from tokenizer import format_chat
 
 # ----------------------------------------------------------------------------------------------
@@ -140,16 +146,48 @@ TASKS = {"passkey": make_passkey, "needle": make_needle, "multikey": make_multik
 
 
 def load_longbench(path: str, limit: int | None) -> list[Task]:
+    """LongBench JSONL, checked line by line before any model work (see `longbench_task`)."""
     tasks = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                ctx = f"{r['context']}\n\nQuestion: {r['input']}" if r.get("input") else r["context"]
-                tasks.append(Task("longbench", ctx, "", r["answers"][0], 0, float("nan"), answers=tuple(r["answers"])))
-            if limit and len(tasks) >= limit:
-                break
+    try:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                line = cli.decode_utf8(raw, f"--data {path} line {n}")
+                if line.strip():
+                    tasks.append(longbench_task(line, f"--data {path} line {n}"))
+                if limit and len(tasks) >= limit:
+                    break
+    except OSError as e:
+        raise BadInput(f"cannot read --data: {e.strerror}: {path}") from None
+    if not tasks:
+        raise BadInput(f"--data {path} holds no examples")
     return tasks
+
+
+def _is_text(s) -> bool:
+    try:  # JSON may escape a lone surrogate, which no tokenizer takes
+        return isinstance(s, str) and bool(s.strip()) and bool(s.encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+
+
+def longbench_task(line: str, where: str) -> Task:
+    """One LongBench line: a JSON object with a non-empty string `context`, an optional string
+    `input` (the question) and `answers`, a non-empty list of non-empty strings."""
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{where} is not JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(r, dict):
+        raise BadInput(f"{where} is not a JSON object")
+    answers, question = r.get("answers"), r.get("input")
+    if not _is_text(r.get("context")):
+        raise BadInput(f"{where}: 'context' must be a non-empty string")
+    if question is not None and not (question == "" or _is_text(question)):
+        raise BadInput(f"{where}: 'input' must be a string")
+    if not (isinstance(answers, list) and answers and all(_is_text(a) for a in answers)):
+        raise BadInput(f"{where}: 'answers' must be a non-empty list of non-empty strings")
+    ctx = f"{r['context']}\n\nQuestion: {question}" if question else r["context"]
+    return Task("longbench", ctx, "", answers[0], 0, float("nan"), answers=tuple(answers))
 
 
 def normalize(text: str) -> list[str]:
@@ -217,8 +255,9 @@ def attention_recall(ref_mass: list[torch.Tensor], indices) -> float:
 
 
 def evict_config(args, method: str, budget: int) -> lqc.EvictConfig:
-    return lqc.EvictConfig(method=method, budget=budget, window=args.window, window_laqpp=args.window_laqpp,
-                           lookahead=args.lookahead, kernel=args.pool_kernel, pool=args.pool)
+    """The flags' config, with the window rule (notes on it are printed once, by main)."""
+    return cli.evict_config(method=method, budget=budget, window=args.window, window_laqpp=args.window_laqpp,
+                            lookahead=args.lookahead, kernel=args.pool_kernel, pool=args.pool)
 
 
 def reference_mass(model, pre, cont: list[int], L: int, n_queries: int) -> list[torch.Tensor]:
@@ -391,15 +430,20 @@ def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
 # ----------------------------------------------------------------------------------------------
 # Command line
 
+OUTPUTS = ["results.json", "results.md", "accuracy_vs_budget.png", "heatmap.png", "kept.png"]
+GENERATED = dict(tasks=["passkey", "needle", "multikey"], lengths=[1024, 2048], depths=[0.25, 0.75], seeds=1)
+
+
 def parse_args(argv=None):
-    p = G.ArgParser(description="Evaluate KV-cache eviction methods on long-context retrieval and fidelity.")
+    p = cli.ArgParser(description="Evaluate KV-cache eviction methods on long-context retrieval and fidelity. "
+                                  + G.WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
     p.add_argument("--ckpt", default="smollm2")
-    p.add_argument("--tasks", nargs="+", default=["passkey", "needle", "multikey"], choices=list(TASKS))
-    p.add_argument("--data", help="LongBench-format JSONL (context / input / answers) instead of generated tasks")
-    p.add_argument("--limit", type=int, default=None, help="at most this many JSONL examples")
-    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048], help="prompt lengths in tokens")
-    p.add_argument("--depths", nargs="+", type=float, default=[0.25, 0.75])
-    p.add_argument("--seeds", type=int, default=1, help="instances per task x length x depth")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), help=f"default: {' '.join(GENERATED['tasks'])}")
+    p.add_argument("--data", help="LongBench-format UTF-8 JSONL (context / input / answers) instead of generated tasks")
+    p.add_argument("--limit", type=int, default=None, help="at most this many JSONL examples (with --data)")
+    p.add_argument("--lengths", nargs="+", type=int, help="prompt lengths in tokens (default: 1024 2048)")
+    p.add_argument("--depths", nargs="+", type=float, help="where the fact sits, in [0, 1] (default: 0.25 0.75)")
+    p.add_argument("--seeds", type=int, help="instances per task x length x depth (default: 1)")
     p.add_argument("--methods", nargs="+", default=list(lqc.METHOD_NAMES), choices=lqc.METHOD_NAMES)
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256])
     p.add_argument("--first-token", default="redecode", choices=["redecode", "prefill"])
@@ -415,51 +459,97 @@ def parse_args(argv=None):
                         "batches and H2O)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", default="out/eval", help="folder for results.json, results.md and figures")
+    p.add_argument("--out", default="out/eval", help="folder for results.json, results.md and figures (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results and figures of an earlier run in --out")
     p.add_argument("--plot-kept", action="store_true", help="also draw which positions each layer and head kept")
     return p.parse_args(argv)
 
 
-def build_tasks(args, tok) -> list[Task]:
-    if args.data:
-        try:
-            return load_longbench(args.data, args.limit)
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read --data {args.data}: {e}") from None
-    return [TASKS[t](tok, n, d, s) for t in args.tasks for n in args.lengths for d in args.depths for s in range(args.seeds)]
+def check_args(args) -> list[str]:
+    """Every flag, before any model work; the generated tasks' flags get their defaults here (they
+    do not apply to --data). Returns the notes on what lqc does with the windows."""
+    given = [f"--{k}" for k in GENERATED if getattr(args, k) is not None]
+    if args.data and (given or args.plot_kept):
+        raise BadInput(f"{' '.join(given) or '--plot-kept'} do not apply to --data (generated tasks only)")
+    if args.limit is not None and not args.data:
+        raise BadInput("--limit applies to --data only")
+    for k, v in GENERATED.items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    cli.positive("--lengths", *args.lengths)
+    cli.positive("--budgets", *args.budgets)
+    if any(not 0 <= d <= 1 for d in args.depths):
+        raise BadInput(f"--depths must lie in [0, 1] (got {' '.join(map(str, args.depths))})")
+    for flag in ("tasks", "lengths", "depths", "methods", "budgets"):
+        cli.distinct(f"--{flag}", getattr(args, flag))
+    for flag in ("seeds", "limit", "agree_tokens", "recall_queries", "prefill_chunk"):  # None: not given
+        if getattr(args, flag) is not None:
+            cli.at_least(cli.flag_name(flag), getattr(args, flag), 1)
+    notes = []
+    cli.check_grid(args.methods, args.budgets, notes, window=args.window, window_laqpp=args.window_laqpp,
+                   lookahead=args.lookahead, kernel=args.pool_kernel, pool=args.pool)
+    if not args.data and set(args.methods) != {"full"}:
+        cli.budgets_note(args.budgets, args.lengths, notes)
+    return notes
+
+
+def build_tasks(args, tok, context: int) -> list[Task]:
+    """The generated tasks; a length too short for a task's fact and question is refused, since the
+    prompt would be longer than asked."""
+    tasks = [TASKS[t](tok, n, d, s) for t in args.tasks for n in args.lengths for d in args.depths for s in range(args.seeds)]
+    for t in tasks:
+        n = len(tok.prompt_ids(t.context, chat=tok.chat_format is not None, answer_prefix=t.answer_prefix))
+        if n > t.length:
+            raise BadInput(f"--lengths {t.length} is too short for {t.name}: its prompt takes {n} tokens")
+    if max(args.lengths) + args.agree_tokens > context:
+        raise BadInput(f"--lengths up to {max(args.lengths)} + --agree-tokens {args.agree_tokens} exceed the model's "
+                       f"context of {context}")
+    return tasks
+
+
+def write_results(out: Path, args, rows, summary=None):
+    """results.json, replaced whole after every task: an interrupted run keeps what finished."""
+    result = {"args": vars(args), "rows": rows, "complete": summary is not None}
+    if summary is not None:
+        result["summary"] = {f"{m}@{b}": s for (m, b), s in summary.items()}
+    cli.write_json(out / "results.json", result)
+
+
+def save_figure(path: Path, draw, *args):
+    cli.write_atomic(path, lambda tmp: draw(*args, tmp))
 
 
 def main(args) -> dict:
     from tqdm import tqdm
-    if any(b <= 0 for b in args.budgets) or any(n <= 0 for n in args.lengths):
-        raise ValueError("--budgets and --lengths must be > 0")
-    if any(not 0 <= d <= 1 for d in args.depths):
-        raise ValueError("--depths must lie in [0, 1]")
+    notes = check_args(args)
     budgets = sorted(args.budgets)
+    tasks = load_longbench(args.data, args.limit) if args.data else None
     dev, dt = G.check_device(args.device, args.dtype)
+    out = cli.check_out(args.out, args.overwrite)
     model, tok = load(args.ckpt, dev, dt)
-    if not args.data and max(args.lengths) + args.agree_tokens > model.args.max_seq_len:
-        raise ValueError(f"--lengths up to {max(args.lengths)} + {args.agree_tokens} tokens exceed the model's context of {model.args.max_seq_len}")
-    tasks = build_tasks(args, tok)
+    if args.agree_tokens >= model.args.max_seq_len // 2:
+        raise BadInput(f"--agree-tokens {args.agree_tokens} leaves too little of the model's context of "
+                       f"{model.args.max_seq_len} for the prompt")
+    tasks = tasks or build_tasks(args, tok, model.args.max_seq_len)
+    for line in notes:
+        cli.note("eval.py", line)
+    cli.start_out(out, OUTPUTS)
     rows = []
     for task in tqdm(tasks, desc="eval", unit="prompt"):
         rows += evaluate_task(model, tok, task, args.methods, budgets, args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        write_results(out, args, rows)
     summary = summarize(rows)
     table = markdown_table(summary, args.methods, budgets)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows,
-                                                  "summary": {f"{m}@{b}": s for (m, b), s in summary.items()}}, indent=1))
-    (out / "results.md").write_text(table + "\n")
-    plot_accuracy(summary, args.methods, budgets, out / "accuracy_vs_budget.png")
+    save_figure(out / "accuracy_vs_budget.png", plot_accuracy, summary, args.methods, budgets)
     if not args.data:
-        plot_heatmaps(rows, args.methods, budgets[0], out / "heatmap.png")
-    if args.plot_kept and not args.data:
-        plot_kept(model, tok, tasks[0], args.methods, budgets[0], args, out / "kept.png")
-    print(table)
+        save_figure(out / "heatmap.png", plot_heatmaps, rows, args.methods, budgets[0])
+    if args.plot_kept:
+        save_figure(out / "kept.png", plot_kept, model, tok, tasks[0], args.methods, budgets[0], args)
+    cli.write_text(out / "results.md", table + "\n")
+    write_results(out, args, rows, summary)  # last: a complete results.json means everything is there
+    cli.write_stdout(table + "\n")
     print(f"wrote {out}/results.json, results.md and figures", file=sys.stderr)
     return summary
 
 
 if __name__ == "__main__":
-    G.exit_on_bad_input("eval.py", main, parse_args())
+    cli.exit_on_bad_input("eval.py", main, parse_args())

@@ -12,12 +12,17 @@ import sys
 import time
 from dataclasses import dataclass
 
+import cli
+
+if __name__ == "__main__":
+    cli.quiet_ctrl_c()  # before the slow imports below
+
 import torch
 
 import lqc
 import model as M
 from checkpoint import load
-from model import CheckpointError
+from cli import BadInput
 
 DEMO_PROMPT = """Read the notes and answer the question.
 
@@ -286,43 +291,44 @@ class Streamer:
         text = self.tok.decode(ids)
         if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the next token
             return
-        sys.stdout.write(text[len(self.printed):])
-        sys.stdout.flush()
+        cli.write_stdout(text[len(self.printed):])
         self.printed = text
 
 
-class ArgParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+WINDOW_RULE = ("A window is part of the budget: --window or --window-laqpp above --budget is clamped to the budget "
+               "(a note on stderr says so), and a --budget at least the prompt's length evicts nothing (a note too).")
 
 
 def parse_args(argv=None):
-    p = ArgParser(description="Generate text with a Llama-family model and KV-cache eviction after prefill.")
+    p = cli.ArgParser(description="Generate text with a Llama-family model and KV-cache eviction after prefill. "
+                                  + WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
     p.add_argument("--ckpt", default="smollm2", help="short name (smollm2, llama, ...), .gguf file, HF directory or hub id")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt (default: stdin when it is not a terminal, else the demo prompt)")
-    src.add_argument("--prompt-file", help="read the prompt from this file")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     src.add_argument("--demo", action="store_true", help="use the built-in demo prompt (a short document and a question)")
     p.add_argument("--answer-prefix", default="", help="text the reply starts with (appended after the chat header)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="> 0; prompt + this must fit the model's context")
+    p.add_argument("--temperature", type=float, default=0.0, help=f"0 = greedy, else a finite number >= {cli.MIN_TEMPERATURE:g}")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="between -2**63 and 2**64-1")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the checkpoint's chat format (default: when it has one)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--method", default="laqpp", choices=lqc.METHOD_NAMES)
-    p.add_argument("--budget", type=int, default=256, help="kept prompt entries per KV head per layer")
-    p.add_argument("--window", type=int, default=32, help="observation window (SnapKV, PyramidKV, Ada-KV) / recent window (H2O)")
-    p.add_argument("--window-laqpp", type=int, default=8, help="prompt-suffix queries of LAQ++")
-    p.add_argument("--lookahead", type=int, default=8, help="pseudo tokens of LAQ / LAQ++")
+    p.add_argument("--budget", type=int, default=256, help="kept prompt entries per KV head per layer (> 0)")
+    p.add_argument("--window", type=int, default=32,
+                   help="observation window (SnapKV, PyramidKV, Ada-KV, LAQ's SnapKV copy) / recent window (H2O); "
+                        ">= 1, clamped to --budget")
+    p.add_argument("--window-laqpp", type=int, default=8, help="prompt-suffix queries of LAQ++; >= 1, clamped to --budget")
+    p.add_argument("--lookahead", type=int, default=8,
+                   help="pseudo tokens of LAQ / LAQ++ (>= 1); prompt + this must fit the model's context")
     p.add_argument("--pool", default="max", choices=["max", "avg"])
-    p.add_argument("--pool-kernel", type=int, default=7)
+    p.add_argument("--pool-kernel", type=int, default=7, help=f"odd, 1 to {cli.MAX_POOL_KERNEL}; 1 = no pooling")
     p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="tokens per prefill forward (default: the whole prompt in one causal pass; 512 for padded "
+                   help="tokens per prefill forward, > 0 (default: the whole prompt in one causal pass; 512 for padded "
                         "batches and H2O)")
     p.add_argument("--fast", action="store_true", help="decode over a static (fixed-capacity) compacted cache")
     p.add_argument("--compile", action="store_true",
@@ -335,69 +341,73 @@ def read_prompt(prompt, prompt_file, demo) -> str:
     if demo:
         return DEMO_PROMPT
     if prompt is not None:
-        return prompt
+        return cli.check_utf8(prompt, "--prompt")
     if prompt_file is not None:
-        try:
-            with open(prompt_file, encoding="utf-8") as f:
-                return f.read()
-        except OSError as e:
-            raise ValueError(f"cannot read --prompt-file: {e.strerror}: {prompt_file}") from None
-    if not sys.stdin.isatty():
-        return sys.stdin.read()
-    return DEMO_PROMPT
+        return cli.read_file_text(prompt_file, "--prompt-file")
+    if sys.stdin is not None and sys.stdin.isatty():
+        return DEMO_PROMPT
+    return cli.read_stdin_text()
 
 
 def check_device(device: str, dtype: str):
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+        raise BadInput(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise BadInput(f"device {device!r} cannot run lqc: use cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} is not available here (no CUDA): use --device cpu")
+        raise BadInput(f"device {device!r} is not available here (no CUDA): use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BadInput(f"device {device!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' is not available here: use --device cpu")
+        raise BadInput("device 'mps' is not available here: use --device cpu")
     return dev, getattr(torch, dtype)
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, cfg: lqc.EvictConfig, limit: int):
+    """After tokenizing, before prefill: every position the run will use must exist."""
+    if prompt_tokens + max_new_tokens > limit:
+        raise BadInput(f"prompt ({prompt_tokens} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
+                       f"context of {limit}: shorten the prompt or lower --max-new-tokens")
+    # the pseudo tokens take the positions the answer will take, after the prompt
+    if cfg.method in ("laq", "laqpp") and prompt_tokens > cfg.budget and prompt_tokens + cfg.lookahead > limit:
+        raise BadInput(f"prompt ({prompt_tokens} tokens) + --lookahead ({cfg.lookahead}) exceeds the model's context "
+                       f"of {limit}: lower --lookahead")
 
 
 def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, temperature, top_k, top_p, seed, chat, device,
          dtype, method, budget, window, window_laqpp, lookahead, pool, pool_kernel, prefill_chunk, fast=False,
          compile=False):
-    cfg = lqc.EvictConfig(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,
-                          kernel=pool_kernel, pool=pool)
-    if max_new_tokens <= 0 or prefill_chunk is not None and prefill_chunk <= 0:
-        raise ValueError("--max-new-tokens and --prefill-chunk must be > 0")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+    cli.positive("--max-new-tokens", max_new_tokens)
+    if prefill_chunk is not None:
+        cli.positive("--prefill-chunk", prefill_chunk)
+    cli.check_sampling(temperature, top_k, top_p, seed)
+    notes = []
+    cfg = cli.evict_config(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,
+                           kernel=pool_kernel, pool=pool, notes=notes)
+    answer_prefix = cli.check_utf8(answer_prefix, "--answer-prefix")
+    if sys.stdout is None:  # started with `>&-`: the answer would go nowhere
+        raise cli.CannotWrite("cannot write to stdout: it is closed")
     text = read_prompt(prompt, prompt_file, demo).rstrip()  # a file's or echo's final newline is not part of the question
     if not text.strip():
-        raise ValueError("the prompt is empty: give --prompt, --prompt-file or text on stdin")
+        raise BadInput("the prompt is empty: give --prompt, --prompt-file or text on stdin")
     dev, dt = check_device(device, dtype)
     model, tok = load(ckpt, dev, dt)
     ids = tok.prompt_ids(text, chat=tok.chat_format is not None if chat is None else chat, answer_prefix=answer_prefix)
-    limit = model.args.max_seq_len
-    if len(ids) + max_new_tokens > limit:
-        raise ValueError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
-                         f"context of {limit}: shorten the prompt or lower --max-new-tokens")
-    if answer_prefix:
-        sys.stdout.write(answer_prefix)
+    check_context(len(ids), max_new_tokens, cfg, model.args.max_seq_len)
+    cli.budget_note(method, budget, len(ids), notes)
     if compile and not flex_available(dev):
-        print(f"generate.py: FlexAttention is not available on {dev.type}; using dense attention", file=sys.stderr)
+        notes.append(f"FlexAttention is not available on {dev.type}; using dense attention")
+    for line in notes:  # all input is checked: what lqc does with it
+        cli.note("generate.py", line)
+    if answer_prefix:
+        cli.write_stdout(answer_prefix)
     out, stats = run(model, ids, cfg, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, eos_ids=tok.eos_ids,
                      sampling=Sampling(temperature, top_k, top_p, seed), on_token=Streamer(tok), fast=fast, compile=compile)
-    print(file=sys.stdout, flush=True)
+    cli.write_stdout("\n")
     print(f"[{method}] {stats.line()}", file=sys.stderr)
 
 
-def exit_on_bad_input(prog: str, fn, *args, **kwargs):
-    """Run a CLI's main: bad input ends with one line on stderr and exit code 2, not a traceback."""
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, CheckpointError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
 if __name__ == "__main__":
-    exit_on_bad_input("generate.py", main, **vars(parse_args()))
+    cli.exit_on_bad_input("generate.py", main, **vars(parse_args()))

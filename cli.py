@@ -1,0 +1,291 @@
+"""What generate.py, eval.py and bench.py share: one-line errors and honest exit codes, the prompt
+read as strict UTF-8, flags checked before any model work, the window rule, and outputs written so
+that an interrupted run loses nothing.
+
+Exit codes: 0 done; 2 bad input (one line on stderr naming the flag or file); 1 an output could not
+be written (one line: disk full, closed stdout); 130 Ctrl-C; 141 stdout closed early by the reader
+(`| head`), quietly, as for any Unix tool killed by SIGPIPE. Anything else comes with a traceback:
+that is a bug in lqc. No torch here, so `quiet_ctrl_c` can be installed before torch imports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+MAX_PROMPT_BYTES = 64 * 2**20  # more than any model's context holds; stops `--prompt-file /dev/zero`
+MIN_TEMPERATURE = 1e-6  # below this (denormals included) logits / temperature overflows; 0 means greedy
+MAX_POOL_KERNEL = 255  # pooling spreads a key's score over this many neighbours; more is no longer local
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
+WINDOW_FLAGS = {"snapkv": ["window"], "pyramidkv": ["window"], "adakv": ["window"], "h2o": ["window"],
+                "laq": ["window"], "laqpp": ["window", "window_laqpp"]}  # method -> windows that are part of the budget
+
+
+class BadInput(ValueError):
+    """Something the user typed or pointed lqc at cannot be used; the message says what to fix."""
+
+
+class CannotWrite(Exception):
+    """An output could not be written (disk full, stdout closed); not the user's input, not a bug."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def note(prog: str, message: str):
+    """A one-line remark on stderr about what lqc did with a value it was given."""
+    print(f"{prog}: note: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a main: exit codes
+
+def quiet_ctrl_c():
+    """Ctrl-C exits 130 without a traceback at any moment, also while torch imports (before any
+    try block of ours runs). Raising SystemExit still runs `finally` blocks (temporary files)."""
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
+
+def exit_on_bad_input(prog: str, fn, *args, **kwargs):
+    """Run a CLI's main with the exit codes above."""
+    from model import CheckpointError  # torch: the caller has imported it already
+    try:
+        result = fn(*args, **kwargs)
+        flush_stdout()  # a closed or full stdout shows here, not in the interpreter's exit
+        return result
+    except (BadInput, CheckpointError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except CannotWrite as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # the reader has gone (`| head`): nothing left to say
+        _drop_stdout()
+        sys.exit(141)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _drop_stdout():
+    # point stdout at /dev/null, so the interpreter's final flush cannot fail a second time
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def write_stdout(text: str):
+    """Write and flush; a stdout that cannot take it is one line (CannotWrite), a reader that went
+    away is BrokenPipeError (a quiet exit)."""
+    if sys.stdout is None:
+        raise CannotWrite("cannot write to stdout: it is closed")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        _drop_stdout()
+        raise CannotWrite(f"cannot write to stdout: {e.strerror or e}") from None
+
+
+def flush_stdout():
+    if sys.stdout is not None:
+        write_stdout("")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading text: strict UTF-8, byte positions in errors
+
+def decode_utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{what} is not UTF-8: byte 0x{data[e.start]:02x} at byte position {e.start}") from None
+
+
+def check_utf8(text: str, flag: str) -> str:
+    """A command-line argument is decoded with surrogateescape: a lone surrogate is an undecodable byte."""
+    bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+    if bad is not None:
+        decode_utf8(text.encode("utf-8", "surrogateescape"), flag)
+    return text
+
+
+def read_file_text(path: str, flag: str) -> str:
+    """A file's text, refusing what cannot be a prompt or a data file: unreadable, not UTF-8, huge."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPT_BYTES + 1)
+    except OSError as e:
+        raise BadInput(f"cannot read {flag}: {e.strerror}: {path}") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise BadInput(f"{flag} {path} is larger than {MAX_PROMPT_BYTES >> 20} MiB: more than any model's context")
+    return decode_utf8(data, f"{flag} {path}")
+
+
+def read_stdin_text() -> str:
+    if sys.stdin is None:  # started with `<&-`
+        raise BadInput("stdin is closed: give --prompt, --prompt-file or --demo")
+    try:
+        data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+    except OSError as e:
+        raise BadInput(f"cannot read stdin: {e.strerror}") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise BadInput(f"stdin is larger than {MAX_PROMPT_BYTES >> 20} MiB: more than any model's context")
+    return decode_utf8(data, "stdin")
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags: checked before any model work, each error naming its flag
+
+def positive(flag: str, *values):
+    for v in values:
+        if not v > 0:  # NaN too
+            raise BadInput(f"{flag} must be > 0 (got {v})")
+
+
+def at_least(flag: str, value, low):
+    if not value >= low:
+        raise BadInput(f"{flag} must be >= {low} (got {value})")
+
+
+def distinct(flag: str, values):
+    if len(set(values)) != len(values):
+        raise BadInput(f"{flag} lists a value twice: {' '.join(map(str, values))}")
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | None):
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise BadInput(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} (got {temperature})")
+    at_least("--top-k", top_k, 0)
+    if not 0 < top_p <= 1:
+        raise BadInput(f"--top-p must be in (0, 1] (got {top_p})")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise BadInput(f"--seed must be between -2**63 and 2**64-1 (got {seed})")
+
+
+def check_pool_kernel(kernel: int):
+    if not (1 <= kernel <= MAX_POOL_KERNEL and kernel % 2 == 1):
+        raise BadInput(f"--pool-kernel must be odd, from 1 to {MAX_POOL_KERNEL} (got {kernel}); 1 = no pooling")
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def evict_config(*, method: str, budget: int, window: int = 32, window_laqpp: int = 8, lookahead: int = 8,
+                 kernel: int = 7, pool: str = "max", notes: list | None = None):
+    """lqc.EvictConfig from flags, with the window rule: a window is part of the budget, so a
+    window larger than the budget is clamped to it, and `notes` gets a line saying so (printed once
+    all input is checked, so that bad input still ends with exactly one line). Every kept entry is
+    then a recent one, which is what lqc keeps anyway when the window covers the budget."""
+    import lqc
+    positive("--budget", budget)
+    at_least("--window", window, 1)
+    at_least("--window-laqpp", window_laqpp, 1)  # 0 would be --method laq
+    at_least("--lookahead", lookahead, 1)
+    check_pool_kernel(kernel)
+    windows = dict(window=window, window_laqpp=window_laqpp)
+    clamped = [name for name in WINDOW_FLAGS.get(method, []) if windows[name] > budget]
+    if clamped and notes is not None:
+        what = (f"{method}'s lookahead runs on a copy of the cache holding only the {budget} most recent prompt entries"
+                if clamped == ["window"] and method in ("laq", "laqpp") else
+                f"{method} keeps only the {budget} most recent prompt entries")
+        notes.append(" and ".join(f"{flag_name(n)} {windows[n]}" for n in clamped)
+                     + f" > --budget {budget}: clamped to {budget}; {what}")
+    windows.update({name: budget for name in clamped})
+    try:
+        return lqc.EvictConfig(method=method, budget=budget, lookahead=lookahead, kernel=kernel, pool=pool, **windows)
+    except ValueError as e:  # lqc's own checks, in case they grow beyond the ones above
+        raise BadInput(str(e)) from None
+
+
+def check_grid(methods: list[str], budgets: list[int], notes: list, **flags):
+    """eval / bench: every method x budget is a valid config; one note for all clamped windows."""
+    clamped = []
+    for m in methods:
+        for b in budgets:
+            evict_config(method=m, budget=b, notes=clamped, **flags)
+    if clamped:
+        notes.append(clamped[0] + (f" (and {len(clamped) - 1} more method x budget pairs)" if len(clamped) > 1 else ""))
+
+
+def budget_note(method: str, budget: int, prompt_tokens: int, notes: list):
+    """A budget that covers the whole prompt evicts nothing: say so, since the user asked for eviction."""
+    if method != "full" and budget >= prompt_tokens:
+        notes.append(f"--budget {budget} >= the prompt's {prompt_tokens} tokens: nothing is evicted")
+
+
+def budgets_note(budgets: list[int], lengths: list[int], notes: list):
+    """eval / bench: the same, once, for the first budget that covers a prompt length."""
+    b, n = next(((b, n) for b in sorted(budgets) for n in sorted(lengths) if b >= n), (None, None))
+    if b is not None:
+        notes.append(f"--budgets {b} >= --lengths {n}: nothing is evicted at that length")
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: an occupied folder is refused, every file is replaced whole
+
+def check_out(out: str, overwrite: bool) -> Path:
+    """--out before any work: a new or empty folder, or (--overwrite) one with an earlier run in it."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise BadInput(f"--out {out} is not empty: choose another folder or pass --overwrite")
+    nearest = next(p for p in [path, *path.parents] if p.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write to --out {out}: {nearest} is not a writable folder")
+    return path
+
+
+def start_out(path: Path, outputs: list[str]):
+    """Just before the first result is written: create the folder and remove an earlier run's
+    outputs, so new results never sit beside old figures."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        for name in outputs:
+            (path / name).unlink(missing_ok=True)
+    except OSError as e:
+        raise CannotWrite(f"cannot write to {path}: {e.strerror}") from None
+
+
+def write_atomic(path: Path, write):
+    """`write(tmp_path)` into a temporary file beside path, then rename it over path: a reader sees
+    the old file or the new one, never half of one. A failure (disk full) is one line."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix tells matplotlib the format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CannotWrite(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def finite_or_none(obj):
+    """NaN and infinities (e.g. a depth that does not apply) become null: strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj):
+    text = json.dumps(finite_or_none(obj), indent=1, allow_nan=False)
+    write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def write_text(path: Path, text: str):
+    write_atomic(path, lambda tmp: tmp.write_text(text))
