@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(subst /,_,$(subst =,_,$(TORCH)))
 
-.PHONY: install run test bench eval clean
+.PHONY: install run test fuzz bench eval clean
 
 $(STAMP): requirements.txt requirements-hf.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,14 +20,19 @@ install: $(STAMP)
 run: install
 	$(PY) generate.py --demo --method laqpp --budget 128 --max-new-tokens 80
 
+# test: derandomized hypothesis (the same examples every run); fuzz: the properties only, with
+# fresh random examples and many more of them (profiles in conftest.py)
 test: install
-	$(PY) -m pytest -q test_lqc.py
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q test_*.py
+
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m hypothesis test_*.py
 
 eval: install
-	$(PY) eval.py --out out/eval --plot-kept
+	$(PY) eval.py --out out/eval --overwrite --plot-kept
 
 bench: install
-	$(PY) bench.py --out out/bench
+	$(PY) bench.py --out out/bench --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis __pycache__

@@ -22,7 +22,15 @@ import model as M
 import tokenizer as T
 
 ROOT = Path(__file__).parent
-FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def examples(n: int) -> int:
+    """n examples per property under `make test`; the fuzz profile's count under `make fuzz`
+    (an explicit max_examples would otherwise override the profile's)."""
+    return settings.default.max_examples if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else n
+
+
+FAST = settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
         "How vexingly quick daft zebras jump! 12345 67890. Sphinx of black quartz, judge my vow. ") * 3
 
@@ -683,7 +691,7 @@ def fast_batch(model, prompts, cfg, steps, flex=False, eos_ids=()):
     return kept, [[pre.obs.logits[b]] + [s[b] for s in seen] for b in range(B)], toks
 
 
-@settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@settings(max_examples=examples(10), deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(lengths=st.lists(st.integers(10, 60), min_size=1, max_size=3), budget=st.integers(3, 40), group=GROUPS,
        method=st.sampled_from(lqc.METHOD_NAMES), seed=st.integers(0, 5))
 def test_fast_path_equals_readable_path(lengths, budget, group, method, seed):
