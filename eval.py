@@ -495,14 +495,14 @@ def check_args(args) -> list[str]:
 def build_tasks(args, tok, context: int) -> list[Task]:
     """The generated tasks; a length too short for a task's fact and question is refused, since the
     prompt would be longer than asked."""
+    if max(args.lengths) + args.agree_tokens > context:
+        raise BadInput(f"--lengths up to {max(args.lengths)} + --agree-tokens {args.agree_tokens} exceed the model's "
+                       f"context of {context}")
     tasks = [TASKS[t](tok, n, d, s) for t in args.tasks for n in args.lengths for d in args.depths for s in range(args.seeds)]
     for t in tasks:
         n = len(tok.prompt_ids(t.context, chat=tok.chat_format is not None, answer_prefix=t.answer_prefix))
         if n > t.length:
             raise BadInput(f"--lengths {t.length} is too short for {t.name}: its prompt takes {n} tokens")
-    if max(args.lengths) + args.agree_tokens > context:
-        raise BadInput(f"--lengths up to {max(args.lengths)} + --agree-tokens {args.agree_tokens} exceed the model's "
-                       f"context of {context}")
     return tasks
 
 
