@@ -292,8 +292,7 @@ def check_args(args) -> list[str]:
         cli.distinct(f"--{flag}", getattr(args, flag))
     for flag in ("reps", "steps", "peer_tokens"):
         cli.at_least(cli.flag_name(flag), getattr(args, flag), 1)
-    if args.prefill_chunk is not None:
-        cli.positive("--prefill-chunk", args.prefill_chunk)
+    cli.positive("--prefill-chunk", args.prefill_chunk)
     cli.at_least("--warmup", args.warmup, 0)
     if args.peers:
         check_peers(args)

@@ -147,8 +147,9 @@ def read_stdin_text() -> str:
 # Flags: checked before any model work, each error naming its flag
 
 def positive(flag: str, *values):
+    """Each value > 0; None is a flag left at its default ("automatic")."""
     for v in values:
-        if not v > 0:  # NaN too
+        if v is not None and not v > 0:  # NaN too
             raise BadInput(f"{flag} must be > 0 (got {v})")
 
 

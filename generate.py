@@ -380,8 +380,7 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
          dtype, method, budget, window, window_laqpp, lookahead, pool, pool_kernel, prefill_chunk, fast=False,
          compile=False):
     cli.positive("--max-new-tokens", max_new_tokens)
-    if prefill_chunk is not None:
-        cli.positive("--prefill-chunk", prefill_chunk)
+    cli.positive("--prefill-chunk", prefill_chunk)
     cli.check_sampling(temperature, top_k, top_p, seed)
     notes = []
     cfg = cli.evict_config(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,

@@ -183,7 +183,10 @@ BEFORE_MODEL = [
     ("bench.py", ["--reps", "0"], "--reps must be >= 1"),
     ("bench.py", ["--steps", "0"], "--steps must be >= 1"),
     ("bench.py", ["--warmup", "-1"], "--warmup must be >= 0"),
-    ("bench.py", ["--prefill-chunk", "0"], "--prefill-chunk must be >= 1"),
+    ("bench.py", ["--prefill-chunk", "0"], "--prefill-chunk must be > 0"),
+    ("bench.py", ["--peers", "--peer-budget", "0"], "--peer-budget must be > 0 and below every --lengths"),
+    ("bench.py", ["--peer-tokens", "0"], "--peer-tokens must be >= 1"),
+    ("eval.py", ["--prefill-chunk", "0"], "--prefill-chunk must be > 0"),
     ("bench.py", ["--lengths", "64", "64"], "--lengths lists a value twice"),
     ("bench.py", ["--window", "0"], "--window must be >= 1"),
     ("bench.py", ["--methods", "full"], "invalid choice"),
@@ -263,8 +266,8 @@ def test_window_clamp_matches_the_unclamped_policy(ckpt):
         kept = []
         for cfg in (lqc.EvictConfig(method=method, budget=6, window=20, window_laqpp=10, lookahead=3),
                     cli.evict_config(method=method, budget=6, window=20, window_laqpp=10, lookahead=3)):
-            pre = G.prefill(model, ids, 16, keep_queries=cfg.obs_window, h2o=method == "h2o")
-            cache, _ = G.evict(cfg, model, pre, torch.tensor([50]), ())
+            pre = G.prefill(model, ids, chunk=16, keep_queries=cfg.obs_window, h2o=method == "h2o")
+            cache, _ = G.evict(cfg, model, pre)
             kept.append([p[p >= 0].tolist() for p in cache.pos])
         assert kept[0] == kept[1], method
 

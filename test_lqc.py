@@ -717,7 +717,7 @@ def readable_batch(model, prompts, cfg, steps, eos_ids=()):
     return kept, G.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=steps, eos_ids=eos_ids)
 
 
-@settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@settings(max_examples=examples(10), deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(lengths=st.lists(st.integers(5, 60), min_size=2, max_size=3), budget=st.integers(3, 40), group=GROUPS,
        method=st.sampled_from(lqc.METHOD_NAMES), seed=st.integers(0, 5))
 @example(lengths=[60, 41], budget=12, group=(4, 2), method="adakv", seed=0)  # padding leaked into Ada-KV's shares
