@@ -21,7 +21,7 @@ run: install
 	$(PY) generate.py --demo --method laqpp --budget 128 --max-new-tokens 80
 
 test: install
-	$(PY) -m pytest -q test_lqc.py
+	$(PY) -m pytest -q test_*.py
 
 eval: install
 	$(PY) eval.py --out out/eval --plot-kept
