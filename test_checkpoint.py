@@ -41,7 +41,7 @@ DROP = object()
 
 def edit_gguf(src: Path, dst: Path, arch: str | None = None, set: dict | None = None, drop=(), tensors=None) -> Path:
     """Rewrite a GGUF with metadata set (`{key: (value, GGUFValueType[, sub type])}`), keys dropped,
-    and tensors replaced (`{name: array or (raw bytes array, qtype)}`)."""
+    and tensors replaced or added (`{name: array or (raw bytes array, qtype)}`)."""
     import gguf
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), arch or r.fields["general.architecture"].contents())
@@ -51,10 +51,10 @@ def edit_gguf(src: Path, dst: Path, arch: str | None = None, set: dict | None = 
         w.add_key_value(k, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
     for k, (v, *types) in (set or {}).items():
         w.add_key_value(k, v, *types)
-    for t in r.tensors:
-        new = (tensors or {}).get(t.name, (np.array(t.data), t.tensor_type))
-        data, qtype = new if isinstance(new, tuple) else (new, None)
-        w.add_tensor(t.name, data, raw_dtype=qtype)
+    new = {**{t.name: (np.array(t.data), t.tensor_type) for t in r.tensors}, **(tensors or {})}
+    for name, v in new.items():
+        data, qtype = v if isinstance(v, tuple) else (v, None)
+        w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     return dst
 
