@@ -49,9 +49,10 @@ def args_from_hf_config(cfg: dict, source="config.json") -> ModelArgs:
     for flag in ("attention_bias", "mlp_bias"):  # Qwen2's q/k/v biases are implied by its family
         if f.bool(flag, False):
             raise f.error(flag, "=true is not supported: no biases beyond Qwen2's q/k/v biases")
-    if f.float("partial_rotary_factor", 1.0) != 1.0:
-        raise f.error("partial_rotary_factor", f"={cfg['partial_rotary_factor']} is not supported (only 1.0)")
     rope = Fields(cfg.get("rope_parameters") or {}, f"{source}: rope_parameters")  # transformers 5 keeps theta here
+    for fields in (f, rope):
+        if fields.float("partial_rotary_factor", 1.0) != 1.0:
+            raise fields.error("partial_rotary_factor", f"={fields.data['partial_rotary_factor']} is not supported (only 1.0)")
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
     keys = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
             "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "ffn_dim": "intermediate_size",
