@@ -2,8 +2,8 @@
 
 Supported: the Llama family (Llama 2, Llama 3/3.1/3.2 with rope scaling, TinyLlama, SmolLM/SmolLM2,
 Mistral) and the few-line variants Qwen2/2.5 (q/k/v biases), Qwen3 (per-head q/k RMSNorm) and
-Phi-3 mini (Llama's network; its fused weights are split at load time). Reading checkpoints is checkpoint.py's job, tokenizers
-and chat formats are tokenizer.py's.
+Phi-3 mini (Llama's network; its fused weights are split at load time). Reading checkpoints is
+checkpoint.py's job, tokenizers and chat formats are tokenizer.py's.
 
 The model knows nothing about eviction. It exposes what eviction needs: the cache (keys stored
 post-RoPE, every entry with its absolute position) and, on request, the post-RoPE queries of
