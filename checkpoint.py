@@ -1,12 +1,15 @@
 """Checkpoints: resolve a short name, GGUF file, HF directory or hub id, and load it strictly.
 
-Config parsing (HF config.json, GGUF metadata) -> ModelArgs; explicit weight-name maps per format;
-GGUF dequantization (with llama.cpp's Q/K permutation undone); safetensors directories, single or
-sharded; hub download (local cache first). Every problem is a CheckpointError that says what to fix.
+Config parsing (HF config.json, GGUF metadata) -> ModelArgs, every field typed and range-checked
+before anything is allocated; explicit weight-name maps per format and family; GGUF
+dequantization (with llama.cpp's Q/K permutation undone for its llama architecture); safetensors
+directories, single or sharded; hub download (local cache first). Every problem is a
+CheckpointError that names the file and the field or tensor.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -14,65 +17,156 @@ from pathlib import Path
 import torch
 
 from model import CheckpointError, ModelArgs, Transformer, rope_inv_freq
-from tokenizer import Tokenizer, gguf_tokenizer, hf_tokenizer, read_json
+from tokenizer import Fields, Tokenizer, gguf_tokenizer, hf_tokenizer, one_line, read_json
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: a checkpoint's config -> ModelArgs
 
-def args_from_hf_config(cfg: dict) -> ModelArgs:
-    model_type = cfg.get("model_type")
-    if model_type not in ("llama", "mistral"):
-        raise CheckpointError(f"unsupported architecture model_type={model_type!r}: lqc supports the Llama family (llama, mistral)")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"unsupported hidden_act={cfg['hidden_act']!r} (only silu)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
-            raise CheckpointError(f"unsupported {flag}=true (Llama has no biases)")
-    max_pos = cfg.get("max_position_embeddings", 4096)
-    window = cfg.get("sliding_window")
-    if window is not None and window < max_pos:
-        raise CheckpointError(f"unsupported sliding_window={window} (< max_position_embeddings={max_pos})")
-    rope_params = cfg.get("rope_parameters") or {}  # transformers 5 moves theta/scaling here
-    return ModelArgs(
-        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        head_dim=cfg.get("head_dim") or 0, ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0)),
-        rope_scaling=_check_rope_scaling(cfg.get("rope_scaling") or rope_params),
-        max_seq_len=max_pos, tie_embeddings=cfg.get("tie_word_embeddings", False),
-    )
+# What each family changes from Llama (HF model_type = GGUF architecture). Phi-3 checkpoints store
+# q/k/v and gate/up fused; they are split at load time (`unfuse`), so the network is Llama's.
+FAMILIES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},
+    "qwen3": {"qk_norm": True},
+    "phi3": {},
+}
+FUSED = ("phi3",)
+
+# Upper bounds on config sizes, checked before anything is allocated: a typo or a hostile file
+# gets a message, not an attempt to allocate terabytes. Generous for every released model.
+LIMITS = {"dim": 65536, "n_layers": 1024, "n_heads": 1024, "head_dim": 1024, "ffn_dim": 2**20, "vocab_size": 2**22,
+          "max_seq_len": 2**24}
 
 
-def args_from_gguf(meta: dict, has_output: bool) -> ModelArgs:
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"unsupported GGUF architecture {arch!r}: lqc supports 'llama'")
-    p = "llama."
-    n_heads = meta[p + "attention.head_count"]
-    scaling = None
-    if meta.get(p + "rope.scaling.type") == "linear":
-        scaling = {"rope_type": "linear", "factor": meta[p + "rope.scaling.factor"]}
-    elif meta.get(p + "rope.scaling.type") not in (None, "none"):
-        raise CheckpointError(f"unsupported llama.rope.scaling.type={meta[p + 'rope.scaling.type']!r}")
-    return ModelArgs(
-        dim=meta[p + "embedding_length"], n_layers=meta[p + "block_count"], n_heads=n_heads,
-        n_kv_heads=meta.get(p + "attention.head_count_kv", n_heads),
-        head_dim=meta.get(p + "attention.key_length", 0), ffn_dim=meta[p + "feed_forward_length"],
-        vocab_size=meta.get(p + "vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-        norm_eps=meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=meta.get(p + "rope.freq_base", 10000.0), rope_scaling=scaling,
-        max_seq_len=meta.get(p + "context_length", 4096), tie_embeddings=not has_output,
-    )
+def args_from_hf_config(cfg: dict, source="config.json") -> ModelArgs:
+    f = Fields(cfg, source)
+    family = f.str("model_type")
+    if family not in FAMILIES:
+        raise f.error("model_type", f"={family!r} is not supported (supported: {', '.join(FAMILIES)})")
+    if f.str("hidden_act", "silu") != "silu":
+        raise f.error("hidden_act", f"={cfg['hidden_act']!r} is not supported (only silu)")
+    for flag in ("attention_bias", "mlp_bias"):  # Qwen2's q/k/v biases are implied by its family
+        if f.bool(flag, False):
+            raise f.error(flag, "=true is not supported: no biases beyond Qwen2's q/k/v biases")
+    rope = Fields(cfg.get("rope_parameters") or {}, f"{source}: rope_parameters")  # transformers 5 keeps theta here
+    for fields in (f, rope):
+        if fields.float("partial_rotary_factor", 1.0) != 1.0:
+            raise fields.error("partial_rotary_factor", f"={fields.data['partial_rotary_factor']} is not supported (only 1.0)")
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    keys = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "ffn_dim": "intermediate_size",
+            "vocab_size": "vocab_size", "max_seq_len": "max_position_embeddings"}
+    n_heads = f.int("num_attention_heads", hi=LIMITS["n_heads"])
+    n_layers = f.int("num_hidden_layers", hi=LIMITS["n_layers"])
+    max_pos = f.int("max_position_embeddings", 4096, hi=LIMITS["max_seq_len"])
+    sizes = dict(
+        dim=f.int("hidden_size", hi=LIMITS["dim"]), n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=f.int("num_key_value_heads", n_heads, hi=LIMITS["n_heads"]),
+        head_dim=f.int("head_dim", 0, lo=2, hi=LIMITS["head_dim"]), ffn_dim=f.int("intermediate_size", hi=LIMITS["ffn_dim"]),
+        vocab_size=f.int("vocab_size", hi=LIMITS["vocab_size"]),
+        max_seq_len=min(max_pos, _sliding_window(f, family, n_layers) or max_pos))
+    return _model_args(f, keys, **sizes, **FAMILIES[family],
+                       norm_eps=f.float("rms_norm_eps", 1e-5, hi=1.0),
+                       rope_theta=f.float("rope_theta", None) or rope.float("rope_theta", 10000.0),
+                       rope_scaling=_rope_scaling(Fields(scaling or {}, f"{source}: rope_scaling")),
+                       tie_embeddings=f.bool("tie_word_embeddings", False))
 
 
-def _check_rope_scaling(s: dict) -> dict | None:
-    kind = s.get("rope_type", s.get("type")) if s else None
+def _sliding_window(f: Fields, family: str, n_layers: int) -> int | None:
+    """The attention window of the checkpoint's sliding layers, None when it has none. Within the
+    window, sliding-window attention is full causal attention: the caller limits the context to it
+    (Phi-3 mini 4k: 2047 tokens), and longer prompts are refused like any prompt over the context."""
+    if family in ("qwen2", "qwen3"):  # Qwen declares which layers slide (all released ones: none)
+        types = f.list("layer_types", str, None)
+        sliding = "sliding_attention" in types if types else (
+            f.bool("use_sliding_window", False) and f.int("max_window_layers", 0, lo=0) < n_layers)
+        if not sliding:
+            return None
+    return f.int("sliding_window", None, hi=LIMITS["max_seq_len"])
+
+
+def _rope_scaling(s: Fields) -> dict | None:
+    kind = s.str("rope_type", None) or s.str("type", None)
     if kind in (None, "default"):
         return None
-    if kind not in ("llama3", "linear"):
-        raise CheckpointError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
-    return {**s, "rope_type": kind}
+    if kind == "linear":
+        return {"rope_type": kind, "factor": s.float("factor", hi=1e6)}
+    if kind != "llama3":
+        raise s.error("rope_type", f"={kind!r} is not supported (supported: default, linear, llama3)")
+    lo, hi = s.float("low_freq_factor", hi=1e6), s.float("high_freq_factor", hi=1e6)
+    if hi <= lo:
+        raise s.error("high_freq_factor", f"must exceed low_freq_factor ({hi} <= {lo})")
+    return {"rope_type": kind, "factor": s.float("factor", hi=1e6), "low_freq_factor": lo, "high_freq_factor": hi,
+            "original_max_position_embeddings": s.int("original_max_position_embeddings", hi=LIMITS["max_seq_len"])}
+
+
+def _model_args(f: Fields, keys: dict[str, str], **kw) -> ModelArgs:
+    """ModelArgs after the checks that relate fields; `keys` names our fields in the file's terms."""
+    n_heads, n_kv = kw["n_heads"], kw["n_kv_heads"]
+    if n_heads % n_kv:
+        raise f.error(keys["n_kv_heads"], f"={n_kv} does not divide {keys['n_heads']}={n_heads}")
+    if not kw["head_dim"] and kw["dim"] % n_heads:
+        raise f.error(keys["n_heads"], f"={n_heads} does not divide {keys['dim']}={kw['dim']} (and no {keys['head_dim']})")
+    head_dim = kw["head_dim"] or kw["dim"] // n_heads
+    if head_dim % 2:
+        raise f.error(keys["head_dim"], f"={head_dim} is odd: RoPE needs an even head dimension")
+    return ModelArgs(**kw)
+
+
+def args_from_gguf(meta: dict, has_output: bool, source="GGUF") -> ModelArgs:
+    f = Fields(meta, source)
+    arch = f.str("general.architecture")
+    if arch not in FAMILIES or arch == "mistral":  # llama.cpp writes Mistral as llama
+        raise f.error("general.architecture", f"={arch!r} is not supported (supported: llama, qwen2, qwen3, phi3)")
+    p = arch + "."
+    keys = {"dim": p + "embedding_length", "n_layers": p + "block_count", "n_heads": p + "attention.head_count",
+            "n_kv_heads": p + "attention.head_count_kv", "head_dim": p + "attention.key_length",
+            "ffn_dim": p + "feed_forward_length", "vocab_size": p + "vocab_size", "max_seq_len": p + "context_length"}
+    n_heads = f.int(keys["n_heads"], hi=LIMITS["n_heads"])
+    head_dim = f.int(keys["head_dim"], 0, lo=2, hi=LIMITS["head_dim"])
+    if f.int(p + "attention.value_length", head_dim, lo=2, hi=LIMITS["head_dim"]) != head_dim:
+        raise f.error(p + "attention.value_length", f"differs from {keys['head_dim']}={head_dim}: not supported")
+    dim = f.int(keys["dim"], hi=LIMITS["dim"])
+    if f.int(p + "rope.dimension_count", head_dim or dim // n_heads, lo=2, hi=LIMITS["head_dim"]) != (head_dim or dim // n_heads):
+        raise f.error(p + "rope.dimension_count", "is not the head dimension: partial rotary embeddings are not supported")
+    max_pos = f.int(keys["max_seq_len"], 4096, hi=LIMITS["max_seq_len"])
+    window = f.int(p + "attention.sliding_window", None, hi=LIMITS["max_seq_len"])
+    return _model_args(f, keys, **FAMILIES[arch],
+                       dim=dim, n_layers=f.int(keys["n_layers"], hi=LIMITS["n_layers"]), n_heads=n_heads,
+                       n_kv_heads=f.int(keys["n_kv_heads"], n_heads, hi=LIMITS["n_heads"]), head_dim=head_dim,
+                       ffn_dim=f.int(keys["ffn_dim"], hi=LIMITS["ffn_dim"]),
+                       vocab_size=f.int(keys["vocab_size"], None, hi=LIMITS["vocab_size"])
+                       or len(f.list("tokenizer.ggml.tokens", str)),
+                       norm_eps=f.float(p + "attention.layer_norm_rms_epsilon", 1e-5, hi=1.0),
+                       rope_theta=f.float(p + "rope.freq_base", 10000.0), rope_scaling=_gguf_rope_scaling(f, p),
+                       max_seq_len=min(max_pos, window or max_pos), tie_embeddings=not has_output)
+
+
+def _gguf_rope_scaling(f: Fields, p: str) -> dict | None:
+    kind = f.str(p + "rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise f.error(p + "rope.scaling.type", f"={kind!r} is not supported (supported: none, linear)")
+    return {"rope_type": "linear", "factor": f.float(p + "rope.scaling.factor", hi=1e6)}
+
+
+def check_memory(model: Transformer, device: torch.device, dtype: torch.dtype, source) -> None:
+    """Refuse, before allocating, a model larger than the device's memory (a config's sizes are all
+    in range, yet their product is absurd)."""
+    n = sum(p.numel() for p in model.parameters())
+    need = n * dtype.itemsize
+    cap = memory_of(device)
+    if need > cap:
+        raise CheckpointError(f"{source} describes a model of {n / 1e9:,.1f}B parameters ({need / 2**30:,.0f} GiB as "
+                              f"{dtype}), more than the {cap / 2**30:,.0f} GiB of memory of {device}")
+
+
+def memory_of(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # the machine's RAM (CPU, MPS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,11 +183,28 @@ _LAYER_MAP = {  # ours: (HF, GGUF)
     "feed_forward.w3.weight": ("mlp.up_proj.weight", "ffn_up.weight"),
     "feed_forward.w2.weight": ("mlp.down_proj.weight", "ffn_down.weight"),
 }
+_QKV_BIAS_MAP = {  # Qwen2
+    "attention.wq.bias": ("self_attn.q_proj.bias", "attn_q.bias"),
+    "attention.wk.bias": ("self_attn.k_proj.bias", "attn_k.bias"),
+    "attention.wv.bias": ("self_attn.v_proj.bias", "attn_v.bias"),
+}
+_QK_NORM_MAP = {  # Qwen3
+    "attention.q_norm.weight": ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    "attention.k_norm.weight": ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+}
 _TOP_MAP = {
     "tok_embeddings.weight": ("model.embed_tokens.weight", "token_embd.weight"),
     "norm.weight": ("model.norm.weight", "output_norm.weight"),
     "output.weight": ("lm_head.weight", "output.weight"),
 }
+_FUSED_MAP = {  # Phi-3's fused tensors -> the unfused names, split in this order along rows
+    ("self_attn.qkv_proj.weight", "attn_qkv.weight"): ("wq", "wk", "wv"),
+    ("mlp.gate_up_proj.weight", "ffn_up.weight"): ("w1", "w3"),
+}
+
+
+def layer_prefix(fmt: str) -> str:
+    return "model.layers.{}." if fmt == "hf" else "blk.{}."
 
 
 def weight_name_map(args: ModelArgs, fmt: str) -> dict[str, str]:
@@ -102,16 +213,38 @@ def weight_name_map(args: ModelArgs, fmt: str) -> dict[str, str]:
     m = {names[j]: ours for ours, names in _TOP_MAP.items()}
     if args.tie_embeddings:
         del m[_TOP_MAP["output.weight"][j]]
-    prefix = "model.layers.{}." if fmt == "hf" else "blk.{}."
+    layer_map = {**_LAYER_MAP, **(_QKV_BIAS_MAP if args.qkv_bias else {}), **(_QK_NORM_MAP if args.qk_norm else {})}
     for i in range(args.n_layers):
-        for ours, names in _LAYER_MAP.items():
-            m[prefix.format(i) + names[j]] = f"layers.{i}.{ours}"
+        for ours, names in layer_map.items():
+            m[layer_prefix(fmt).format(i) + names[j]] = f"layers.{i}.{ours}"
     return m
 
 
+def unfuse(tensors: dict[str, torch.Tensor], args: ModelArgs, fmt: str) -> dict[str, torch.Tensor]:
+    """Phi-3: split each layer's fused q/k/v and gate/up tensors into the names of weight_name_map."""
+    j = 0 if fmt == "hf" else 1
+    ours_to_ckpt = {ours.split(".")[1]: names[j] for ours, names in _LAYER_MAP.items() if ours.endswith(".weight")}
+    rows = {"wq": args.n_heads * args.head_dim, "wk": args.n_kv_heads * args.head_dim,
+            "wv": args.n_kv_heads * args.head_dim, "w1": args.ffn_dim, "w3": args.ffn_dim}
+    out = dict(tensors)
+    for i in range(args.n_layers):
+        prefix = layer_prefix(fmt).format(i)
+        for fused_names, parts in _FUSED_MAP.items():
+            name = prefix + fused_names[j]
+            want = sum(rows[p] for p in parts)
+            if name not in out:
+                raise CheckpointError(f"checkpoint does not match the model: missing {name}")
+            if out[name].ndim != 2 or out[name].shape[0] != want:
+                raise CheckpointError(f"tensor {name} has shape {tuple(out[name].shape)}, expected ({want}, ...)")
+            for part, t in zip(parts, out.pop(name).split([rows[p] for p in parts])):
+                out[prefix + ours_to_ckpt[part]] = t
+    return out
+
+
 def load_state(model: Transformer, tensors: dict[str, torch.Tensor], fmt: str, ignore=()) -> None:
-    """Strict loading through the explicit name map: missing, unexpected or mis-shaped tensors are
-    errors that name them. `ignore` lists checkpoint names known to carry nothing we need."""
+    """Strict loading through the explicit name map: missing, unexpected, mis-shaped, non-float or
+    non-finite tensors are errors that name them. `ignore` lists checkpoint names known to carry
+    nothing we need."""
     name_map = weight_name_map(model.args, fmt)
     if model.args.tie_embeddings and fmt == "hf" and "lm_head.weight" in tensors:
         ignore = (*ignore, "lm_head.weight")  # some tied checkpoints store the copy anyway
@@ -122,10 +255,14 @@ def load_state(model: Transformer, tensors: dict[str, torch.Tensor], fmt: str, i
     params = dict(model.named_parameters())
     with torch.no_grad():
         for src, dst in name_map.items():
-            t = tensors[src]
-            if tuple(t.shape) != tuple(params[dst].shape):
-                raise CheckpointError(f"tensor {src} has shape {tuple(t.shape)}, expected {tuple(params[dst].shape)}")
-            params[dst].copy_(t)
+            t, p = tensors[src], params[dst]
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(f"tensor {src} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            if not t.dtype.is_floating_point:
+                raise CheckpointError(f"tensor {src} has dtype {t.dtype}: weights must be floating point")
+            p.copy_(t)
+            if not torch.isfinite(p).all():  # NaN/Inf in the file, or too large for the chosen dtype
+                raise CheckpointError(f"tensor {src} has NaN or Inf values (as {p.dtype}): the checkpoint is damaged")
 
 # ----------------------------------------------------------------------------------------------
 # Loading checkpoints
@@ -176,7 +313,7 @@ def resolve_checkpoint(ckpt: str) -> Path:
 
 
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
-             "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"]
+             "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "special_tokens_map.json"]
 
 
 def hub_download(repo_id: str) -> Path:
@@ -194,21 +331,52 @@ def hub_download(repo_id: str) -> Path:
 
 
 def load_hf_dir(path: Path, device, dtype) -> tuple[Transformer, Tokenizer]:
-    from safetensors.torch import load_file
-    if not (path / "config.json").exists():
+    config = path / "config.json"
+    if not config.exists():
         raise CheckpointError(f"{path} has no config.json: not an HF checkpoint directory")
-    args = args_from_hf_config(read_json(path / "config.json"))
+    cfg = read_json(config)
+    args = args_from_hf_config(cfg, config)
+    model = allocate(args, device, dtype, config)
+    tensors = read_safetensors(path)
+    load_state(model, unfuse(tensors, args, "hf") if cfg["model_type"] in FUSED else tensors, "hf")
+    set_rope(model)
+    return model, hf_tokenizer(path)
+
+
+def shard_files(path: Path) -> dict[str, list[str] | None]:
+    """{safetensors file: the tensor names the index puts there (None: a single unindexed file)}."""
     index = path / "model.safetensors.index.json"
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    tensors = {}
-    for f in files:
-        if not (path / f).exists():
-            raise CheckpointError(f"{path / f} is missing (only safetensors checkpoints are supported)")
+    if not index.exists():
+        return {"model.safetensors": None}
+    f = Fields(read_json(index), index)
+    weight_map = f.data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise f.error("weight_map", "is missing or empty: it should map each tensor name to its .safetensors file")
+    shards: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file.endswith(".safetensors"):
+            raise f.error(f"weight_map[{name!r}]", f"must name a .safetensors file, got {file!r:.60}")
+        if Path(file).is_absolute() or ".." in Path(file).parts:  # lexical: hub caches link shards to blobs elsewhere
+            raise f.error(f"weight_map[{name!r}]", f"= {file!r:.60} leaves the checkpoint folder")
+        shards.setdefault(file, []).append(name)
+    return shards
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    tensors: dict[str, torch.Tensor] = {}
+    for file, names in shard_files(path).items():
+        if not (path / file).is_file():
+            raise CheckpointError(f"{path / file} is missing (only safetensors checkpoints are supported)")
         try:
-            tensors.update(load_file(str(path / f)))
+            part = load_file(str(path / file))
         except Exception as e:
-            raise CheckpointError(f"cannot read {path / f}: {e}") from None
-    return _build(args, tensors, "hf", device, dtype), hf_tokenizer(path)
+            raise CheckpointError(f"cannot read {path / file} (truncated or corrupt?): {one_line(e)}") from None
+        if names is not None and set(part) != set(names):
+            diff = sorted(set(part) ^ set(names))
+            raise CheckpointError(f"{path / 'model.safetensors.index.json'}: weight_map disagrees with {file} about {diff[:3]}")
+        tensors.update(part)
+    return tensors
 
 
 def read_gguf(path: Path):
@@ -217,12 +385,12 @@ def read_gguf(path: Path):
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
-        raise CheckpointError(f"cannot read GGUF {path}: {e}") from None
+        raise CheckpointError(f"cannot read GGUF {path} (truncated or corrupt?): {one_line(e)}") from None
     meta = {}
     for k, f in reader.fields.items():
         try:
             meta[k] = f.contents()
-        except Exception:
+        except Exception:  # a value gguf cannot decode reads as missing, and is refused where needed
             pass
     return meta, {t.name: t for t in reader.tensors}
 
@@ -231,12 +399,16 @@ def dequantize_gguf(t, n_heads: int | None = None) -> torch.Tensor:
     """One GGUF tensor -> fp32 `[out, in]`; Q/K rows get llama.cpp's converter permutation undone
     (it interleaves the two rotary halves of each head; we use rotate-half)."""
     import gguf
+    if t.tensor_type.name in ("I8", "I16", "I32", "I64"):
+        raise CheckpointError(f"tensor {t.name} has GGUF type {t.tensor_type.name}: weights must be floating point")
     try:
         w = gguf.quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError:
         raise CheckpointError(f"tensor {t.name}: GGUF type {t.tensor_type.name} cannot be dequantized") from None
+    except Exception as e:
+        raise CheckpointError(f"tensor {t.name} cannot be read (truncated or corrupt?): {one_line(e)}") from None
     w = torch.from_numpy(w.astype("float32").copy())
-    if n_heads is not None:
+    if n_heads is not None and w.ndim == 2 and w.shape[0] % (2 * n_heads) == 0:  # other shapes: load_state names them
         rows, cols = w.shape
         w = w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
     return w
@@ -244,31 +416,50 @@ def dequantize_gguf(t, n_heads: int | None = None) -> torch.Tensor:
 
 def load_gguf(path: Path, device, dtype) -> tuple[Transformer, Tokenizer]:
     meta, raw = read_gguf(path)
-    args = args_from_gguf(meta, has_output="output.weight" in raw)
-    tensors = {}
-    for name, t in raw.items():
-        heads = args.n_heads if name.endswith("attn_q.weight") else args.n_kv_heads if name.endswith("attn_k.weight") else None
-        tensors[name] = dequantize_gguf(t, heads)
+    args = args_from_gguf(meta, "output.weight" in raw, path)
+    arch = meta["general.architecture"]
+    for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        if name in raw:
+            raise CheckpointError(f"{path}: tensor {name}: Phi-3 LongRoPE scaling is not supported (use a 4k-context Phi-3)")
+    model = allocate(args, device, dtype, path)
+    tensors = {name: dequantize_gguf(t, _permuted_heads(name, args) if arch == "llama" else None) for name, t in raw.items()}
     factors = tensors.pop("rope_freqs.weight", None)  # Llama 3.x: per-dimension rope scaling factors
-    return _build(args, tensors, "gguf", device, dtype, factors), gguf_tokenizer(meta)
+    if factors is not None and (factors.shape != (args.head_dim // 2,) or not (factors > 0).all()):
+        raise CheckpointError(f"{path}: tensor rope_freqs.weight must hold {args.head_dim // 2} positive factors")
+    load_state(model, unfuse(tensors, args, "gguf") if arch in FUSED else tensors, "gguf")
+    set_rope(model, factors)
+    return model, gguf_tokenizer(Fields(meta, path))
 
 
-def _build(args, tensors, fmt, device, dtype, rope_factors=None) -> Transformer:
+def _permuted_heads(name: str, args: ModelArgs) -> int | None:
+    # llama.cpp permutes Q/K rows for its llama architecture only; qwen2/qwen3/phi3 use rotate-half as we do
+    return args.n_heads if name.endswith("attn_q.weight") else args.n_kv_heads if name.endswith("attn_k.weight") else None
+
+
+def allocate(args: ModelArgs, device, dtype, source) -> Transformer:
+    """An uninitialised model on `device` in `dtype`, after checking that it fits there."""
     with torch.device("meta"):
         model = Transformer(args)
-    model = model.to_empty(device=device)
-    load_state(model, tensors, fmt)
-    model = model.to(dtype=dtype).eval()
+    check_memory(model, torch.device(device), dtype, source)
+    return model.to(dtype=dtype).to_empty(device=device).eval()
+
+
+def set_rope(model: Transformer, rope_factors: torch.Tensor | None = None) -> None:
+    args = model.args
     inv_freq = rope_inv_freq(args) if rope_factors is None else rope_inv_freq(replace(args, rope_scaling=None)) / rope_factors
-    model.inv_freq = inv_freq.to(device)  # rope frequencies stay fp32 whatever the weights' dtype
-    return model
+    model.inv_freq = inv_freq.to(model.tok_embeddings.weight.device)  # rope frequencies stay fp32 whatever the weights' dtype
+
+
+def check_tokenizer(tok: Tokenizer, args: ModelArgs, source) -> Tokenizer:
+    """A token the embedding cannot look up would crash mid-generation: refuse it at load time."""
+    n = tok.vocab_size()
+    if n > args.vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer has {n} tokens but the model's vocab_size is {args.vocab_size}")
+    return tok
 
 
 def load(ckpt: str, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
     """Load a checkpoint by short name, GGUF path, HF directory or hub id."""
     path = resolve_checkpoint(ckpt)
-    if path.is_dir():
-        model, tok = load_hf_dir(path, device, dtype)
-    else:
-        model, tok = load_gguf(path, device, dtype)
-    return model, tok
+    model, tok = load_hf_dir(path, device, dtype) if path.is_dir() else load_gguf(path, device, dtype)
+    return model, check_tokenizer(tok, model.args, path)

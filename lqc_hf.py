@@ -1,11 +1,11 @@
 """lqc's eviction policies on Hugging Face transformers models (optional: requirements-hf.txt).
 
-For models that need transformers (several GPUs with device_map="auto", or an architecture whose
-attention has the Llama projections). The policies, `plan_eviction` and the lookahead are lqc.py's
+For models that need transformers (several GPUs with device_map="auto"): the Llama family,
+Mistral, Qwen2/2.5, Qwen3 and Phi-3. The policies, `plan_eviction` and the lookahead are lqc.py's
 own functions; this file only hands them the transformers cache as tensors and a lookahead step
 (`query_step`: tokens -> logits and queries over a DynamicCache).
 
-Queries are captured by forward pre-hooks on each attention module (q_proj of its input, then
+Queries are captured by forward pre-hooks on each attention module (its query projection, then
 RoPE with the cos/sin transformers hands that module), registered only while needed: transformers'
 attention is never patched.
 
@@ -46,8 +46,7 @@ def capture_queries(model, keep: int | None = None):
         cos, sin = kwargs["position_embeddings"]  # [B, T, D]
         if keep is not None:
             x, cos, sin = x[:, -keep:], cos[:, -keep:], sin[:, -keep:]
-        B, T, _ = x.shape
-        q = module.q_proj(x).view(B, T, -1, module.head_dim).transpose(1, 2)  # [B, H_q, T, D]
+        q = project_queries(module, x).transpose(1, 2)  # [B, H_q, T, D]
         store[module.layer_idx].append(apply_rope(q, cos[:, None], sin[:, None]))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model)]
@@ -56,6 +55,19 @@ def capture_queries(model, keep: int | None = None):
     finally:
         for h in handles:
             h.remove()
+
+
+def project_queries(module, x: torch.Tensor) -> torch.Tensor:
+    """An attention module's queries before RoPE, x `[B, T, dim]` -> `[B, T, H_q, D]`, as its own
+    forward computes them: q_proj with its bias (Qwen2), the q third of a fused qkv_proj (Phi-3),
+    then the per-head q_norm where the family has one (Qwen3)."""
+    B, T, _ = x.shape
+    if hasattr(module, "qkv_proj"):
+        q = module.qkv_proj(x)[..., : module.config.num_attention_heads * module.head_dim]
+    else:
+        q = module.q_proj(x)
+    q = q.view(B, T, -1, module.head_dim)
+    return module.q_norm(q) if hasattr(module, "q_norm") else q
 
 
 def dynamic_cache(keys: list, values: list, positions: list):

@@ -1,8 +1,9 @@
 """The network and its caches: ModelArgs, RoPE, the KV caches and a from-scratch Llama.
 
 Supported: the Llama family (Llama 2, Llama 3/3.1/3.2 with rope scaling, TinyLlama, SmolLM/SmolLM2,
-Mistral-7B-style without sliding window). Reading checkpoints is checkpoint.py's job, tokenizers
-and chat formats are tokenizer.py's.
+Mistral) and the few-line variants Qwen2/2.5 (q/k/v biases), Qwen3 (per-head q/k RMSNorm) and
+Phi-3 mini (Llama's network; its fused weights are split at load time). Reading checkpoints is
+checkpoint.py's job, tokenizers and chat formats are tokenizer.py's.
 
 The model knows nothing about eviction. It exposes what eviction needs: the cache (keys stored
 post-RoPE, every entry with its absolute position) and, on request, the post-RoPE queries of
@@ -41,6 +42,8 @@ class ModelArgs:
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on the q, k, v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k, before RoPE
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -274,16 +277,18 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, pos, cache):
         B, T, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = apply_rope(self.wq(x).view(B, T, Hq, D).transpose(1, 2), cos, sin)  # [B, H_q, T, D]
-        k = apply_rope(self.wk(x).view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # [B, H_kv, T, D]
+        q = apply_rope(self.q_norm(self.wq(x).view(B, T, Hq, D)).transpose(1, 2), cos, sin)  # [B, H_q, T, D]
+        k = apply_rope(self.k_norm(self.wk(x).view(B, T, Hkv, D)).transpose(1, 2), cos, sin)  # [B, H_kv, T, D]
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, H_kv, T, D]
         k_all, v_all, _ = cache.update(self.layer, k, v, pos)  # [B, H_kv, S, D]
         y = cache.attend(self.layer, q, k_all, v_all, pos)  # [B, H_q, T, D]

@@ -123,26 +123,7 @@ def save_gguf(model: M.Transformer, path: Path, qtype="F32", tokenizer="gpt2", c
     w.add_feed_forward_length(a.ffn_dim); w.add_head_count(a.n_heads); w.add_head_count_kv(a.n_kv_heads)
     w.add_key_length(a.head_dim); w.add_value_length(a.head_dim)
     w.add_layer_norm_rms_eps(a.norm_eps); w.add_rope_freq_base(a.rope_theta); w.add_vocab_size(a.vocab_size)
-    if tokenizer == "gpt2":
-        tj = json.loads(train_bpe_tokenizer().to_str())
-        vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
-        tokens = [t for t, _ in vocab] + [f"<pad{i}>" for i in range(a.vocab_size - len(vocab))]
-        w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens])
-        w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
-    else:
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_proto=train_spm())
-        n = sp.get_piece_size()
-        tokens = [sp.id_to_piece(i) for i in range(n)] + [f"<pad{i}>" for i in range(a.vocab_size - n)]
-        types = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
-        w.add_tokenizer_model("llama"); w.add_token_list(tokens)
-        w.add_token_scores([sp.get_score(i) for i in range(n)] + [-1e9] * (a.vocab_size - n))
-        w.add_token_types(types + [5] * (a.vocab_size - n))
-    w.add_bos_token_id(1); w.add_eos_token_id(2)
-    if chat_template:
-        w.add_chat_template(chat_template)
+    add_gguf_tokenizer(w, a.vocab_size, tokenizer, chat_template=chat_template)
     q = getattr(gguf.GGMLQuantizationType, qtype)
     if rope_freqs is not None:  # Llama 3.x GGUFs carry their rope scaling as per-dimension factors
         w.add_tensor("rope_freqs.weight", rope_freqs.numpy().astype(np.float32))
@@ -158,6 +139,33 @@ def save_gguf(model: M.Transformer, path: Path, qtype="F32", tokenizer="gpt2", c
             w.add_tensor(src, gguf.quants.quantize(t, q), raw_dtype=q)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     return path
+
+
+def add_gguf_tokenizer(w, vocab_size: int, kind="gpt2", pre="default", chat_template=None, extra=()) -> None:
+    """The test tokenizers as a GGUF vocabulary, padded to vocab_size; `extra` control tokens
+    (e.g. a chat format's) replace the last paddings."""
+    if kind == "gpt2":
+        tj = json.loads(train_bpe_tokenizer().to_str())
+        vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+        tokens = [t for t, _ in vocab] + [f"<pad{i}>" for i in range(vocab_size - len(vocab))]
+        types = [3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens]
+        w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre(pre)
+        w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    else:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_proto=train_spm())
+        n = sp.get_piece_size()
+        tokens = [sp.id_to_piece(i) for i in range(n)] + [f"<pad{i}>" for i in range(vocab_size - n)]
+        types = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+        types += [5] * (vocab_size - n)
+        w.add_tokenizer_model("llama")
+        w.add_token_scores([sp.get_score(i) for i in range(n)] + [-1e9] * (vocab_size - n))
+    if extra:
+        tokens[-len(extra):], types[-len(extra):] = list(extra), [3] * len(extra)
+    w.add_token_list(tokens); w.add_token_types(types)
+    w.add_bos_token_id(1); w.add_eos_token_id(2)
+    if chat_template:
+        w.add_chat_template(chat_template)
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +251,8 @@ def test_unsupported_architecture_is_refused():
     cfg = json.loads(json.dumps(dict(model_type="mistral", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=128, vocab_size=320, sliding_window=4096,
                                      max_position_embeddings=32768)))
-    with pytest.raises(M.CheckpointError, match="sliding_window"):
-        C.args_from_hf_config(cfg)
+    # a sliding window is never ignored: the context is limited to it, where it equals full attention
+    assert C.args_from_hf_config(cfg).max_seq_len == 4096
     with pytest.raises(M.CheckpointError, match="yarn"):
         C.args_from_hf_config(dict(cfg, sliding_window=None, rope_scaling={"rope_type": "yarn", "factor": 4}))
 
