@@ -394,7 +394,7 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
     dev, dt = check_device(device, dtype)
     model, tok = load(ckpt, dev, dt)
     if chat and not tok.chat_format:
-        raise ValueError(f"--chat: {ckpt} has no chat template lqc knows (ChatML, Llama 2/3, Phi-3): use --no-chat")
+        raise cli.BadInput(f"--chat: {ckpt} has no chat template lqc knows (ChatML, Llama 2/3, Phi-3): use --no-chat")
     ids = tok.prompt_ids(text, chat=tok.chat_format is not None if chat is None else chat, answer_prefix=answer_prefix)
     check_context(len(ids), max_new_tokens, cfg, model.args.max_seq_len)
     cli.budget_note(method, budget, len(ids), notes)
