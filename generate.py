@@ -18,6 +18,7 @@ if __name__ == "__main__":
     cli.quiet_ctrl_c()  # before the slow imports below
 
 import torch
+import torch.nn.functional as F
 
 import lqc
 import model as M
@@ -42,6 +43,9 @@ before noon. In the summer a ferry carries travellers to the island of Carrow, a
 minutes when the sea is quiet.
 
 Question: Who keeps the lighthouse in Wrenmouth, and what colour is its door?"""
+
+
+DRAFT_LEN = 4  # verify mode's draft tokens per round (README: acceptance and speed)
 
 
 @dataclass
@@ -95,45 +99,174 @@ class Sampling:
         return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
 
 
-def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None = None):
-    """Next token `[B]` from logits `[B, V]`; temperature 0 is greedy."""
-    if sampling.temperature <= 0:
-        return logits.argmax(-1)
+def probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution that sampling draws from: logits `[..., V]` after temperature, top-k and
+    top-p, softmaxed -> `[..., V]`. Temperature > 0."""
     logits = logits / sampling.temperature
     if sampling.top_k > 0:
-        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > sampling.top_p  # keep the smallest set whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None = None):
+    """Next token `[B]` from logits `[B, V]`; temperature 0 is greedy."""
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(probs(logits, sampling), 1, generator=gen)[:, 0]
+
+
+def accept(logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, sampling: Sampling,
+           gen: torch.Generator | None = None):
+    """Speculative decoding's rule: how many draft tokens `[B, k]` the target keeps, and the token
+    that follows them. logits `[B, k+1, V]`: the target's logits at each draft position and one
+    past; q `[B, k, V]`: the probabilities the draft was drawn from (None: a deterministic draft).
+    Greedy: the longest prefix that the target's own argmax reproduces, then the argmax after it.
+    Sampling: draft token x_j stays with probability min(1, p_j(x_j) / q_j(x_j)); the first rejected
+    one is replaced by a draw from norm(max(0, p_j - q_j)), which for a deterministic draft is p_j
+    with x_j removed; after a fully accepted draft the next token is drawn from p_k. The tokens
+    then follow p exactly, whatever the draft (Leviathan et al. 2023, Chen et al. 2023).
+    Returns the accepted counts `[B]` and the next tokens `[B]`."""
+    B, k = draft.shape
+    rows = torch.arange(B, device=draft.device)
+    if sampling.temperature <= 0:
+        best = logits.argmax(-1)  # [B, k+1]
+        n = (draft == best[:, :k]).cumprod(-1).sum(-1)  # [B]
+        return n, best[rows, n]
+    p = probs(logits, sampling)  # [B, k+1, V]
+    q = F.one_hot(draft, p.shape[-1]).to(p.dtype) if q is None else q  # [B, k, V]
+    px, qx = (t.gather(-1, draft[..., None])[..., 0] for t in (p[:, :k], q))  # [B, k]
+    u = torch.rand(B, k, generator=gen, device=draft.device)  # k = 0 draws nothing: plain sampling's stream
+    n = (u * qx < px).cumprod(-1).sum(-1)  # u < p/q without a division (q(x) > 0: x was drawn from q)
+    rest = torch.cat([(p[:, :k] - q).clamp(min=0), p[:, k:]], dim=1)[rows, n]  # [B, V]
+    rest = torch.where(rest.sum(-1, keepdim=True) > 0, rest, p[rows, n])  # p_j == q_j: any draw from p_j is right
+    return n, torch.multinomial(rest, 1, generator=gen)[:, 0]
+
+
+@dataclass(kw_only=True)
+class Draft:
+    """Speculative decoding's proposer. `propose(pending, logits, pos, n, gen)` returns up to n draft
+    tokens `[B, k]` for positions pos, pos + 1, ... and the probabilities they were drawn from
+    `[B, k, V]` (None: deterministic), or None when it has nothing (more) to propose. pending `[B]` is
+    the last emitted token, at pos - 1, not yet in any cache (None on the first round, when `logits`
+    `[B, V]`, the prefill logits, hold position pos). `rewind(limit)` drops what it holds at positions
+    >= limit `[B]`. drafted / accepted count the tokens of rows still running."""
+    drafted: int = 0
+    accepted: int = 0
+
+    def rewind(self, limit: torch.Tensor):
+        pass
+
+
+@dataclass(kw_only=True)
+class PseudoDraft(Draft):
+    """Reuse: LAQ's pseudo tokens `[B, m]` as the draft of the first round only. They were decoded
+    greedily on a SnapKV copy of the cache, so they are a deterministic draft."""
+    tokens: torch.Tensor | None
+
+    def propose(self, pending, logits, pos, n, gen=None):
+        tokens, self.tokens = self.tokens, None
+        return None if tokens is None else (tokens[:, :n], None)
+
+
+@dataclass(kw_only=True)
+class CacheDraft(Draft):
+    """Verify mode: the compacted cache drafts k tokens per round (sampled as the output is), for the
+    full cache to check. It is fed the pending token and every draft token, and rewound with the
+    full cache, so both always hold the same tokens."""
+    cache: object
+    step: object  # step(tokens [B, 1], pos [B, 1], cache) -> logits [B, V]
+    k: int
+    sampling: Sampling
+
+    def propose(self, pending, logits, pos, n, gen=None):
+        z = logits if pending is None else self.step(pending[:, None], (pos - 1)[:, None], self.cache)  # [B, V]
+        tokens, q = [], []
+        for j in range(min(self.k, n)):
+            tokens.append(sample(z, self.sampling, gen))
+            if self.sampling.temperature > 0:
+                q.append(probs(z, self.sampling))
+            z = self.step(tokens[-1][:, None], (pos + j)[:, None], self.cache)
+        if not tokens:
+            return pos.new_zeros(pos.shape[0], 0), None
+        return torch.stack(tokens, 1), torch.stack(q, 1) if q else None
+
+    def rewind(self, limit):
+        self.cache.rewind(limit)
+
+
+def plain_step(model):
+    """The readable single-token step: tokens, pos `[B, 1]`, cache -> logits `[B, V]`."""
+    return lambda tokens, pos, cache: model(tokens, pos, cache)[:, -1]
+
+
+def target_logits(model, step, cache, pending, draft, pos, logits):
+    """The cache's logits `[B, k+1, V]` at each draft position and one past, from one forward of the
+    pending token (at pos - 1) and the draft `[B, k]` (at pos, pos + 1, ...); see `Draft`."""
+    feed = draft if pending is None else torch.cat([pending[:, None], draft], 1)  # [B, T]
+    at = (pos - int(pending is not None))[:, None] + torch.arange(feed.shape[1], device=pos.device)  # [B, T]
+    if feed.shape[1] == 0:
+        new = logits[:, :0, None].expand(-1, -1, logits.shape[-1])
+    elif feed.shape[1] == 1:  # plain decoding: the single-token step, maybe compiled
+        new = step(feed, at, cache)[:, None]
+    else:
+        new = model(feed, at, cache)
+    return new if pending is not None else torch.cat([logits[:, None], new], 1)
+
+
+def append_tokens(out: list, tokens: list, eos_ids, max_new_tokens: int) -> bool:
+    """Append a row's new tokens up to EOS or max_new_tokens; whether the row is finished."""
+    for t in tokens:
+        if t in eos_ids:
+            return True
+        out.append(t)
+        if len(out) >= max_new_tokens:
+            return True
+    return False
 
 
 @torch.no_grad()
 def decode(model, cache, logits, next_pos, *, max_new_tokens: int, eos_ids=(), sampling: Sampling = Sampling(),
-           on_token=None, step=None) -> list[list[int]]:
-    """Decode from the prefill logits `[B, V]`, one token per row and step, the cache growing by
-    one entry per token; a row stops at EOS, all stop after max_new_tokens. `on_token` sees row 0.
-    `step(tokens [B, 1], pos [B, 1], cache) -> logits [B, V]` may be a compiled decode step."""
-    step = step or (lambda t, p, c: model(t, p, c)[:, -1])
+           on_token=None, step=None, draft: Draft | None = None) -> list[list[int]]:
+    """Decode from the prefill logits `[B, V]`, the cache growing by one entry per token; a row stops at
+    EOS, all stop after max_new_tokens. `on_token` sees row 0. `step(tokens [B, 1], pos [B, 1], cache)
+    -> logits [B, V]` may be a compiled decode step.
+    Each round feeds the last token with the draft's proposal (none without a draft: plain decoding,
+    one token per round), keeps the accepted prefix (`accept`), rewinds the rest, and emits the
+    accepted tokens plus the one that follows them."""
+    step = step or plain_step(model)
     gen = sampling.generator(logits.device)
     B = logits.shape[0]
-    out, done = [[] for _ in range(B)], [False] * B
-    for i in range(max_new_tokens):
-        tok = sample(logits, sampling, gen)  # [B]
-        for b, t in enumerate(tok.tolist()):
-            done[b] = done[b] or t in eos_ids
-            if not done[b]:
-                out[b].append(t)
-        if all(done):
-            break
-        if on_token and not done[0]:
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    pos, pending = next_pos, None  # pos [B]: the next token's position; pending [B]: the last token, at pos - 1, not yet fed
+    while not done.all():
+        left = max_new_tokens - min(len(o) for o, finished in zip(out, done.tolist()) if not finished)
+        proposal = draft.propose(pending, logits, pos, left - 1, gen) if draft else None
+        tokens, q = proposal or (pos.new_zeros(B, 0), None)  # [B, k]
+        n, nxt = accept(target_logits(model, step, cache, pending, tokens, pos, logits), tokens, q, sampling, gen)
+        if draft:
+            draft.drafted += tokens.shape[1] * int((~done).sum())
+            draft.accepted += int(n[~done].sum())
+        # a finished row keeps nothing new, not even its pending token, and stays where it is, so the
+        # caches never grow on its account
+        n = torch.where(done, -1, n)
+        if tokens.shape[1] or done.any():
+            cache.rewind(pos + n)
+            if draft:
+                draft.rewind(pos + n)
+        streamed = len(out[0])
+        for b, (finished, m, drafted, t) in enumerate(zip(done.tolist(), n.tolist(), tokens.tolist(), nxt.tolist())):
+            if not finished:
+                done[b] = append_tokens(out[b], drafted[:m] + [t], eos_ids, max_new_tokens)
+        if on_token and len(out[0]) > streamed:
             on_token(out[0])
-        if i + 1 < max_new_tokens:
-            logits = step(tok[:, None], (next_pos + i)[:, None], cache)
+        pos, pending = pos + n + 1, nxt
     return out
 
 
@@ -146,13 +279,16 @@ class Stats:
     new_tokens: int = 0
     decode_s: float = 0.0  # without compilation
     compile_s: float = 0.0  # the compiled step's first call (compiles once per cache capacity)
+    drafted: int = 0  # speculative modes (reuse, verify): draft tokens proposed and accepted
+    accepted: int = 0
 
     def line(self) -> str:
         tps = self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
         compiled = f" | compile {self.compile_s:.1f} s" if self.compile_s else ""
+        draft = f" | draft {self.accepted}/{self.drafted} accepted" if self.drafted else ""
         return (f"prompt {self.prompt_tokens} tok | KV kept {self.kept}/{self.prompt_tokens} per head per layer | "
                 f"prefill {self.prefill_s:.2f} s ({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s) | "
-                f"evict {self.evict_s:.3f} s | decode {self.new_tokens} tok at {tps:.1f} tok/s{compiled}")
+                f"evict {self.evict_s:.3f} s | decode {self.new_tokens} tok at {tps:.1f} tok/s{compiled}{draft}")
 
 
 def model_step(model):
@@ -193,17 +329,18 @@ class FastPath:
         return out
 
 
-def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=(), fast: FastPath | None = None):
+def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=(), fast: FastPath | None = None, on_pseudo=None):
     """The eviction step between prefill and decode: returns the compacted cache and the kept
     indices per layer (None when nothing was evicted). LAQ's lookahead runs on a compacted copy:
-    a readable cache, or on the fast path a static one with the fast path's step."""
+    a readable cache, or on the fast path a static one with the fast path's step. `on_pseudo`
+    receives the lookahead's pseudo tokens `[B, n + 1]` (see `lqc.plan_eviction`)."""
     def lookahead_step(kept):
         if fast is None:
             return query_step(model, pre.cache.gather(kept))
         scratch = fast.pack(model, pre.cache.gather(kept))
         return lambda tokens, pos: fast(tokens, pos, scratch)
     indices = lqc.plan_eviction(cfg, pre.obs, keys=pre.cache.k, positions=pre.cache.pos, eos_ids=eos_ids,
-                                lookahead_step=lookahead_step)
+                                lookahead_step=lookahead_step, on_pseudo=on_pseudo)
     return (pre.cache, None) if indices is None else (pre.cache.gather(indices), indices)
 
 
@@ -241,33 +378,48 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
 
 @torch.no_grad()
 def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_tokens=256, prefill_chunk=None,
-              eos_ids=(), sampling: Sampling = Sampling(), on_token=None, fast=False, compile=False, step=None):
+              eos_ids=(), sampling: Sampling = Sampling(), on_token=None, fast=False, compile=False, step=None,
+              reuse=True, verify: str | None = None, draft_len: int = DRAFT_LEN):
     """Prefill, evict, decode a batch of prompts (left-padded; each row evicted on its own).
     fast: the lookahead and decoding over static compacted caches; compile: with a compiled step
     over FlexAttention. step: a `model_step`-like function to use on the fast path (tests pass a
-    compiled one to count its graphs). Returns (new token ids per row, Stats)."""
+    compiled one to count its graphs). reuse (LAQ): LAQ's pseudo tokens are the first round's
+    draft. verify="full": lossless; the compacted cache drafts draft_len tokens a round and the
+    full cache, kept beside it, checks them. Returns (new token ids per row, Stats)."""
     device = model.tok_embeddings.weight.device
     x, pad = left_pad(prompts, device)  # [B, L], [B]
     stats = Stats(prompt_tokens=x.shape[1])
+    verify = None if verify == "none" else verify
+    k = draft_len if verify else cfg.lookahead + 1 if reuse else 0  # the most draft tokens a round
+    room = max_new_tokens + 2 * k + 1  # a round may feed k tokens past the end (see decode)
     fp = None
     if fast or compile:
-        fp = FastPath(step or make_step(model, compile), max(max_new_tokens, cfg.lookahead),
-                      flex=compile and flex_available(device))
+        fp = FastPath(step or make_step(model, compile), max(room, cfg.lookahead), flex=compile and flex_available(device))
     t0 = time.perf_counter()
     pre = prefill(model, x, chunk=prefill_chunk, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o",
                   pad=pad if pad.any() else None)
     t1 = time.perf_counter()
-    cache, _ = evict(cfg, model, pre, eos_ids=eos_ids, fast=fp)
+    pseudo = []
+    cache, indices = evict(cfg, model, pre, eos_ids=eos_ids, fast=fp, on_pseudo=pseudo.append)
     cache = fp.pack(model, cache) if fp else cache
+    stats.kept = int(cache.kept()[:, 0].float().mean().round())  # row 0, mean over layers and KV heads
+    step = (lambda t, p, c: fp(t, p, c)[0]) if fp else plain_step(model)
+    draft = None
+    if verify and indices is not None:  # nothing evicted: nothing to check
+        draft = CacheDraft(cache=cache, step=step, k=k, sampling=sampling)
+        cache = to_static(model, pre.cache, fp.extra, flex=False) if fp else pre.cache  # the target: the full cache
+    elif reuse and pseudo:
+        draft = PseudoDraft(tokens=pseudo[0])
     t2 = time.perf_counter()
     evict_compile = fp.compile_s if fp else 0.0  # the lookahead may have compiled the step
-    stats.kept = int(cache.kept()[:, 0].float().mean().round())  # row 0, mean over layers and KV heads
     out = decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                 sampling=sampling, on_token=on_token, step=(lambda t, p, c: fp(t, p, c)[0]) if fp else None)
+                 sampling=sampling, on_token=on_token, step=step, draft=draft)
     t3 = time.perf_counter()
     stats.compile_s = fp.compile_s if fp else 0.0
     stats.prefill_s, stats.evict_s = t1 - t0, t2 - t1 - evict_compile
     stats.decode_s, stats.new_tokens = t3 - t2 - (stats.compile_s - evict_compile), len(out[0])
+    if draft:
+        stats.drafted, stats.accepted = draft.drafted, draft.accepted
     return out, stats
 
 
@@ -334,6 +486,11 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="--fast plus torch.compile of the decode step over FlexAttention (the first step compiles, "
                         "30-60 s on CPU, and counts in the summary's decode time)")
+    p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="LAQ / LAQ++: check the lookahead's pseudo tokens as a draft and keep the accepted ones")
+    p.add_argument("--verify", default="none", choices=["none", "full"],
+                   help="full: lossless; the compacted cache drafts, the full cache (kept too) verifies")
+    p.add_argument("--draft-len", type=int, default=DRAFT_LEN, help="draft tokens per round in --verify full")
     return p.parse_args(argv)
 
 
@@ -378,9 +535,10 @@ def check_context(prompt_tokens: int, max_new_tokens: int, cfg: lqc.EvictConfig,
 
 def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, temperature, top_k, top_p, seed, chat, device,
          dtype, method, budget, window, window_laqpp, lookahead, pool, pool_kernel, prefill_chunk, fast=False,
-         compile=False):
+         compile=False, reuse=True, verify="none", draft_len=DRAFT_LEN):
     cli.positive("--max-new-tokens", max_new_tokens)
     cli.positive("--prefill-chunk", prefill_chunk)
+    cli.positive("--draft-len", draft_len)
     cli.check_sampling(temperature, top_k, top_p, seed)
     notes = []
     cfg = cli.evict_config(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,
@@ -405,7 +563,8 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
     if answer_prefix:
         cli.write_stdout(answer_prefix)
     out, stats = run(model, ids, cfg, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, eos_ids=tok.eos_ids,
-                     sampling=Sampling(temperature, top_k, top_p, seed), on_token=Streamer(tok), fast=fast, compile=compile)
+                     sampling=Sampling(temperature, top_k, top_p, seed), on_token=Streamer(tok), fast=fast, compile=compile,
+                     reuse=reuse, verify=verify, draft_len=draft_len)
     cli.write_stdout("\n")
     print(f"[{method}] {stats.line()}", file=sys.stderr)
 

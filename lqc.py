@@ -204,22 +204,25 @@ def lookahead(step: Step, logits: torch.Tensor, next_pos: torch.Tensor, n: int, 
     (the prefill logits), at position next_pos `[B]`; then next_pos + 1, ... The lookahead stops at
     EOS: a row whose pseudo token is EOS feeds nothing further (its first token is always fed, so
     every row has a query), and in a batch its later positions are -1 (a query that sees nothing).
-    Returns each layer's queries `[B, H_q, n', D]` and their positions `[B, n']`, n' <= n."""
+    Returns each layer's queries `[B, H_q, n', D]`, their positions `[B, n']`, n' <= n, and the
+    pseudo tokens `[B, n' + 1]`: the n' fed ones and the greedy choice after the last, a draft that
+    speculative decoding can check (a row's tokens after its EOS mean nothing)."""
     tok = logits.argmax(-1)  # [B]
     eos = torch.tensor(list(eos_ids), dtype=tok.dtype, device=tok.device)
     done = torch.zeros_like(tok, dtype=torch.bool)  # [B]
-    queries, positions = [], []
+    queries, positions, tokens = [], [], [tok]
     for i in range(n):
         pos = (next_pos + i)[:, None]  # [B, 1]
         step_logits, q = step(tok[:, None], pos)
         queries.append(q)
         positions.append(torch.where(done[:, None], -1, pos))
         nxt = step_logits.argmax(-1)
+        tokens.append(nxt)
         done |= torch.isin(tok, eos) | torch.isin(nxt, eos)
         tok = nxt
         if done.all():
             break
-    return [torch.cat(qs, dim=2) for qs in zip(*queries)], torch.cat(positions, dim=1)
+    return [torch.cat(qs, dim=2) for qs in zip(*queries)], torch.cat(positions, dim=1), torch.stack(tokens, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,17 +291,20 @@ class Observation:
 
 
 def plan_eviction(cfg: EvictConfig, obs: Observation, *, keys: list, positions: list,
-                  lookahead_step: Callable[[list], Step] | None = None, eos_ids=()) -> list | None:
+                  lookahead_step: Callable[[list], Step] | None = None, eos_ids=(),
+                  on_pseudo: Callable[[torch.Tensor], None] | None = None) -> list | None:
     """Kept indices per layer (a list of `[B, H_kv, K]`, for `gather`), or None when nothing is
     evicted. keys / positions: the prompt cache per layer, `[B, H_kv, L, D]` / `[B, H_kv, L]`.
     lookahead_step (LAQ only): given the SnapKV copy's kept indices per layer, return a `Step` over
-    a cache compacted to them (see `lookahead`). Rows of a batch may be left-padded (position -1):
-    each row is evicted as if it were alone, and a row no longer than the budget keeps everything."""
+    a cache compacted to them (see `lookahead`). on_pseudo (LAQ only): called with the lookahead's
+    pseudo tokens `[B, n + 1]`, to reuse them as a draft. Rows of a batch may be left-padded
+    (position -1): each row is evicted as if it were alone, and a row no longer than the budget
+    keeps everything."""
     if cfg.method == "full" or keys[0].shape[2] <= cfg.budget:
         return None
     method = METHODS[cfg.method]
     keep_last = method.keep_last(cfg)
-    scores = method_scores(cfg, method, obs, keys, positions, lookahead_step, eos_ids)
+    scores = method_scores(cfg, method, obs, keys, positions, lookahead_step, eos_ids, on_pseudo)
     if method.budgets == "pyramid":
         budgets = budgets_pyramid(len(scores), cfg.budget, keep_last, cfg.beta)
     elif method.budgets == "adakv":
@@ -309,7 +315,7 @@ def plan_eviction(cfg: EvictConfig, obs: Observation, *, keys: list, positions: 
     return keep_short_rows(indices, positions[0], cfg.budget)
 
 
-def method_scores(cfg, method, obs, keys, positions, lookahead_step, eos_ids) -> list:
+def method_scores(cfg, method, obs, keys, positions, lookahead_step, eos_ids, on_pseudo=None) -> list:
     """Scores per layer `[B, H_kv, L]`, empty slots at -inf (never kept while a real entry is left)."""
     if method.scores == "streaming":
         raw = [score_streaming(p, cfg.sinks) for p in positions]
@@ -323,7 +329,10 @@ def method_scores(cfg, method, obs, keys, positions, lookahead_step, eos_ids) ->
         return raw
     # LAQ: pseudo tokens decoded on a SnapKV copy of the cache at the same budget score the keys
     snap_kept = [select(s, cfg.budget, cfg.window) for s in raw]
-    pseudo_q, pseudo_pos = lookahead(lookahead_step(snap_kept), obs.logits, obs.next_pos, cfg.lookahead, eos_ids)
+    pseudo_q, pseudo_pos, pseudo_tokens = lookahead(lookahead_step(snap_kept), obs.logits, obs.next_pos,
+                                                    cfg.lookahead, eos_ids)
+    if on_pseudo is not None:
+        on_pseudo(pseudo_tokens)
     w2 = method.keep_last(cfg)
     suffix = [(q[:, :, -w2:], obs.obs_pos[:, -w2:]) if w2 else (None, None) for q in obs.obs_q]
     raw = [score_laq(pq, k, pseudo_pos, p, suffix_q=sq, suffix_pos=sp, kernel=cfg.kernel, pool=cfg.pool)

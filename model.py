@@ -151,6 +151,15 @@ class KVCache:
             out.k[l], out.v[l], out.pos[l] = gather(idx, self.k[l], self.v[l], self.pos[l])
         return out
 
+    def rewind(self, limit: torch.Tensor):
+        """Forget every entry at a position >= limit[b] `[B]` (draft tokens that verification rejected):
+        their slots become empty, and columns left empty at the end are cut, so a batch whose rows
+        agree is exactly as if the rejected tokens had never been fed."""
+        for l, pos in enumerate(self.pos):
+            pos = pos.masked_fill(pos >= limit[:, None, None], -1)  # [B, H_kv, T]
+            width = int((pos >= 0).flatten(0, 1).any(0).nonzero().max()) + 1
+            self.k[l], self.v[l], self.pos[l] = self.k[l][:, :, :width], self.v[l][:, :, :width], pos[:, :, :width]
+
     def clone(self) -> "KVCache":
         out = KVCache(len(self.k))
         out.k, out.v, out.pos = [t.clone() for t in self.k], [t.clone() for t in self.v], [t.clone() for t in self.pos]
@@ -228,6 +237,16 @@ class StaticKVCache(nn.Module):
         pb.scatter_(2, slot, pos[:, None, :].expand_as(slot))
         length += T
         return kb, vb, pb
+
+    def rewind(self, limit: torch.Tensor):
+        """Forget every entry at a position >= limit[b] `[B]` (rejected draft tokens). New entries are
+        written in position order, so these are each head's last ones: the head's length drops by
+        their count and their slots become empty, to be overwritten by the next tokens."""
+        for l in range(self.n_layers):
+            pos, length = self._buf("pos", l), self._buf("length", l)
+            drop = pos >= limit[:, None, None]  # [B, H_kv, C]
+            length -= drop.sum(-1)
+            pos.masked_fill_(drop, -1)
 
     def attend(self, layer: int, q, k, v, q_pos):
         if not self.flex:

@@ -558,8 +558,8 @@ def test_laq_lookahead_leaves_no_trace_and_uses_true_positions():
     before = [(k.clone(), v.clone(), p.clone()) for k, v, p in zip(pre.cache.k, pre.cache.v, pre.cache.pos)]
     snap = [lqc.select(lqc.score_snapkv(pre.obs.obs_q[l], pre.cache.k[l], pre.obs.obs_pos, pre.cache.pos[l], window=32),
                        20, 32) for l in range(2)]
-    pq, ppos = lqc.lookahead(G.query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([L]), 5)
-    assert ppos.tolist() == [[50, 51, 52, 53, 54]] and pq[0].shape == (1, 4, 5, 16)
+    pq, ppos, ptok = lqc.lookahead(G.query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([L]), 5)
+    assert ppos.tolist() == [[50, 51, 52, 53, 54]] and pq[0].shape == (1, 4, 5, 16) and ptok.shape == (1, 6)
     for (k, v, p), k2, v2, p2 in zip(before, pre.cache.k, pre.cache.v, pre.cache.pos):
         assert torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(p, p2)
     # the pseudo queries are the queries a real decode on the compressed cache would make
@@ -569,9 +569,9 @@ def test_laq_lookahead_leaves_no_trace_and_uses_true_positions():
     torch.testing.assert_close(pq[1][:, :, :1], q0[1])
     # stops at EOS: make the second pseudo token an EOS
     second = model(tok[:, None], torch.tensor([[L]]), pre.cache.gather(snap))[:, -1].argmax(-1).item()
-    pq, ppos = lqc.lookahead(G.query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([L]), 5,
-                             eos_ids=(second,))
-    assert ppos.shape[1] == 1
+    pq, ppos, ptok = lqc.lookahead(G.query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([L]), 5,
+                                   eos_ids=(second,))
+    assert ppos.shape[1] == 1 and ptok.tolist() == [[tok.item(), second]]  # the pseudo tokens end with the EOS
 
 
 def test_select_ragged_and_budget_allocators():
@@ -810,8 +810,8 @@ wq, wo = torch.randn(V, Hq * D, generator=g), torch.randn(Hq * D, V, generator=g
 def step(tokens, p):  # a toy model: queries and logits from the token alone
     qs = wq[tokens[:, 0]].view(B, Hq, 1, D)
     return qs.flatten(1) @ wo, [qs, qs]
-pq, pp = lqc.lookahead(step, torch.randn(B, V, generator=g), torch.tensor([L]), 4)
-assert len(pq) == 2 and pq[0].shape == (B, Hq, 4, D) and pp.tolist() == [[40, 41, 42, 43]]
+pq, pp, pt = lqc.lookahead(step, torch.randn(B, V, generator=g), torch.tensor([L]), 4)
+assert len(pq) == 2 and pq[0].shape == (B, Hq, 4, D) and pp.tolist() == [[40, 41, 42, 43]] and pt.shape == (B, 5)
 laq = lqc.select(lqc.score_laq(pq[0], k, pp, pos), 12)
 print("ok", lqc.gather(laq, k, v, pos)[0].shape[2])
 """ % str(tmp_path)
@@ -1011,7 +1011,7 @@ def test_batched_lookahead_stops_each_row_at_its_own_eos(method, eos_at):
     t0 = pre.obs.logits.argmax(-1)
     t1 = G.query_step(model, pre.cache.gather(snap))(t0[:, None], torch.tensor([[50]]))[0].argmax(-1)
     eos = (t0 if eos_at == 0 else t1).item()
-    _, ppos = lqc.lookahead(G.query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([50]), 6, (eos,))
+    _, ppos, _ = lqc.lookahead(G.query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([50]), 6, (eos,))
     assert ppos.tolist() == [[50]]  # the first is always fed (LAQ needs a query); nothing after an EOS
     # in a batch row 0 stops early and row 1 goes on, on the readable and the static path
     for kept in (readable_batch(model, prompts, cfg, steps=2, eos_ids=(eos,))[0],
