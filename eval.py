@@ -270,6 +270,19 @@ def reference_mass(model, pre, cont: list[int], L: int, n_queries: int) -> list[
     return [lqc.attention_mass(q, cache.k[l], pos, cache.pos[l])[..., :L] for l, q in enumerate(qs)]
 
 
+def draft_acceptance(matches: list[bool], k: int) -> float:
+    """Share of the compacted cache's draft tokens that the full cache accepts in verify mode (greedy,
+    k a round), from whether the compacted cache's greedy choice equals the full cache's at each
+    position of the full cache's answer, teacher-forced: inside an accepted prefix the draft saw
+    exactly the full cache's tokens, so these matches replay every round."""
+    i = drafted = accepted = 0
+    while i < len(matches) - 1:
+        k_round = min(k, len(matches) - 1 - i)  # the last token is always the full cache's own
+        n = next((j for j in range(k_round) if not matches[i + j]), k_round)
+        drafted, accepted, i = drafted + k_round, accepted + n, i + n + 1
+    return accepted / drafted if drafted else 1.0
+
+
 def kl_mean(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()
@@ -309,6 +322,7 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
             tf = continuation_logits(model, cache, pre.obs.logits, last, answer_ids, L, args.first_token).log_softmax(-1)
             ans = torch.tensor(answer_ids, device=dev)
             cont_tf = continuation_logits(model, cache, pre.obs.logits, last, full_cont or [tok.eos_ids[0]], L, args.first_token)
+            matches = (cont_tf.argmax(-1).cpu() == torch.tensor(full_cont or [tok.eos_ids[0]])).tolist()
             ref_seq = full_cont + [-1]  # the full cache's EOS (or cut) counts as a token to agree on
             common = next((i for i, (a, b) in enumerate(zip(out + [-1], ref_seq)) if a != b), len(ref_seq))
             acc = max(f1_score(text, a) for a in task.answers) if task.answers else float(task.answer.strip() in text)
@@ -317,7 +331,8 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
                              tf_logp=tf.gather(1, ans[:, None]).sum().item(),
                              tf_top1=(tf.argmax(-1) == ans).float().mean().item(),
                              recall=attention_recall(ref, indices), agree=common / len(ref_seq),
-                             kl=kl_mean(full_tf, cont_tf), evict_share=evict_s / prefill_s,
+                             kl=kl_mean(full_tf, cont_tf), accept=draft_acceptance(matches, args.draft_len),
+                             evict_share=evict_s / prefill_s,
                              prefill_s=prefill_s, evict_s=evict_s, output=text[:200], first_token=args.first_token))
     return rows
 
@@ -325,7 +340,7 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # Reporting
 
-METRICS = ("acc", "tf_logp", "tf_top1", "recall", "agree", "kl", "evict_share")
+METRICS = ("acc", "tf_logp", "tf_top1", "recall", "agree", "kl", "accept", "evict_share")
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -337,14 +352,15 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def markdown_table(summary: dict, methods, budgets) -> str:
-    head = "| method | budget | n | acc | tf_logp | tf_top1 | recall | agree | KL | evict % of prefill |"
-    lines = [head, "|" + "---|" * 10]
+    head = "| method | budget | n | acc | tf_logp | tf_top1 | recall | agree | KL | draft accept | evict % of prefill |"
+    lines = [head, "|" + "---|" * 11]
     for m in methods:
         for b in (["full"] if m == "full" else budgets):
             s = summary.get((m, b))
             if s:
                 lines.append(f"| {m} | {b} | {s['n']} | {s['acc']:.2f} | {s['tf_logp']:.2f} | {s['tf_top1']:.2f} | "
-                             f"{s['recall']:.3f} | {s['agree']:.2f} | {s['kl']:.3f} | {100 * s['evict_share']:.1f} |")
+                             f"{s['recall']:.3f} | {s['agree']:.2f} | {s['kl']:.3f} | {s['accept']:.2f} | "
+                             f"{100 * s['evict_share']:.1f} |")
     return "\n".join(lines)
 
 
@@ -449,6 +465,8 @@ def parse_args(argv=None):
     p.add_argument("--first-token", default="redecode", choices=["redecode", "prefill"])
     p.add_argument("--agree-tokens", type=int, default=64)
     p.add_argument("--recall-queries", type=int, default=16)
+    p.add_argument("--draft-len", type=int, default=G.DRAFT_LEN,
+                   help="draft tokens per round for the verify-mode acceptance rate (the compacted cache drafts)")
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--window-laqpp", type=int, default=8)
     p.add_argument("--lookahead", type=int, default=8)

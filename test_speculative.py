@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import eval as E
 import generate as G
 import lqc
 from test_lqc import rand_ids, small_cfg, smollm2, tiny  # noqa: F401 (smollm2: a fixture)
@@ -179,3 +180,21 @@ def test_sampled_output_follows_plain_sampling(mode):
     assert 0 < stats.accepted < stats.drafted
     pairs = torch.tensor([o[0] * V + o[1] for o in out])
     assert within(torch.bincount(pairs, minlength=V * V).float(), p.flatten(), N)
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py's acceptance rate replays verify mode from teacher-forced matches
+
+def test_eval_acceptance_equals_verify_mode_counts():
+    assert E.draft_acceptance([True] * 11, 4) == 1.0
+    assert E.draft_acceptance([True, False, True, True, True], 2) == 3 / 4
+    model = tiny(4, 2, n_layers=3)
+    ids = rand_ids(model, 50, 9)[0].tolist()
+    cfg, n, k = small_cfg("snapkv", 8), 16, 3
+    full, _ = G.run(model, ids, small_cfg("full", 8), max_new_tokens=n)
+    _, stats = G.run(model, ids, cfg, max_new_tokens=n, verify="full", draft_len=k)
+    pre = G.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window)
+    cache, _ = G.evict(cfg, model, pre)
+    tf = E.continuation_logits(model, cache, pre.obs.logits, ids[-1], full, len(ids), "prefill")  # [n, V]
+    matches = (tf.argmax(-1) == torch.tensor(full)).tolist()
+    assert not all(matches) and E.draft_acceptance(matches, k) == stats.accepted / stats.drafted
