@@ -147,6 +147,34 @@ def bench_length(model, tok, n, args, steps_fns, device) -> list[dict]:
     return rows
 
 
+E2E = (("snapkv", False), ("laq", False), ("laq", True), ("laqpp", False), ("laqpp", True))  # (method, reuse)
+
+
+@torch.no_grad()
+def bench_end_to_end(model, tok, n, args, device) -> list[dict]:
+    """Prefill + evict + args.e2e_tokens greedy tokens (static cache, no EOS), per method with and
+    without reuse of LAQ's pseudo tokens: medians of --reps, and the ratio to SnapKV's time."""
+    ids, rows = prompt_ids(tok, n), []
+    for b in args.budgets:
+        for m, reuse in E2E:
+            cfg, times = lqc.EvictConfig(method=m, budget=b, window=args.window), []
+            for _ in range(args.reps):
+                (_, stats), dt = timed(lambda: G.run(model, ids, cfg, max_new_tokens=args.e2e_tokens, fast=True,
+                                                     prefill_chunk=args.prefill_chunk, reuse=reuse), device)
+                times.append(dt)
+            rows.append(dict(length=n, budget=b, method=m, reuse=reuse, e2e_s=statistics.median(times),
+                             drafted=stats.drafted, accepted=stats.accepted))
+            rows[-1]["vs_snapkv"] = rows[-1]["e2e_s"] / next(r["e2e_s"] for r in rows if r["budget"] == b)
+            print(format_e2e(rows[-1], args), file=sys.stderr)
+    return rows
+
+
+def format_e2e(r, args) -> str:
+    draft = f" draft {r['accepted']}/{r['drafted']}" if r["drafted"] else ""
+    return (f"L={r['length']:>5} budget={r['budget']:>4} {r['method']}{'+reuse' if r['reuse'] else ''}: "
+            f"{r['e2e_s']:.2f} s to {args.e2e_tokens} tokens ({r['vs_snapkv']:.2f}x snapkv){draft}")
+
+
 def format_row(r, args) -> str:
     ev = " ".join(f"{m}={100 * r[f'evict_{m}']:.1f}%" for m in args.methods if f"evict_{m}" in r)
     dec = " ".join(f"{k[7:-6]}={v:.1f}" for k, v in r.items() if k.startswith("decode_"))
@@ -273,6 +301,8 @@ def parse_args(argv=None):
                         "(needs requirements-hf.txt); only the peer table")
     p.add_argument("--peer-tokens", type=int, default=64, help="new tokens per end-to-end peer run")
     p.add_argument("--peer-budget", type=int, default=256, help="entries kept by lqc snapkv and SnapKVPress")
+    p.add_argument("--e2e-tokens", type=int, default=64,
+                   help="end to end (prefill + evict + this many tokens) for snapkv, laq, laqpp, with and without reuse; 0: skip")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md (new or empty)")
@@ -294,6 +324,7 @@ def check_args(args) -> list[str]:
         cli.at_least(cli.flag_name(flag), getattr(args, flag), 1)
     cli.positive("--prefill-chunk", args.prefill_chunk)
     cli.at_least("--warmup", args.warmup, 0)
+    cli.at_least("--e2e-tokens", args.e2e_tokens, 0)
     if args.peers:
         check_peers(args)
     notes = []
@@ -346,17 +377,19 @@ def main(args):
         flex = G.flex_available(device)
         steps["compiled"] = (G.make_step(model, compile=True), flex)
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache capacity
-    result = {"args": vars(args), "device": str(device), "torch": torch.__version__, "rows": []}
+    result = {"args": vars(args), "device": str(device), "torch": torch.__version__, "rows": [], "end_to_end": []}
     for n in args.lengths:
         result["rows"] += bench_length(model, tok, n, args, steps, device)
+        if args.e2e_tokens > 0:
+            result["end_to_end"] += bench_end_to_end(model, tok, n, args, device)
         write_results(out, result, complete=False)  # an interrupted run keeps the lengths it finished
-    rows = result["rows"]
+    rows, e2e = result["rows"], result["end_to_end"]
     # the limit: a long prompt evicted to 256 entries vs a 256-token prompt with the full cache
     short = bench_length(model, tok, SHORT, argparse.Namespace(**{**vars(args), "budgets": [], "methods": []}), steps,
                          device)[0]
     result["short_full"] = short
     at = [r for r in rows if r["length"] == max(args.lengths) and r["budget"] == 256]
-    lines = [markdown(rows, args)]
+    lines = [markdown(rows, args), *[format_e2e(r, args) for r in e2e]]
     for name in steps:
         key = f"decode_{name}_tok_s"
         if at:
