@@ -499,7 +499,7 @@ def check_args(args) -> list[str]:
         raise BadInput(f"--depths must lie in [0, 1] (got {' '.join(map(str, args.depths))})")
     for flag in ("tasks", "lengths", "depths", "methods", "budgets"):
         cli.distinct(f"--{flag}", getattr(args, flag))
-    for flag in ("seeds", "limit", "agree_tokens", "recall_queries"):
+    for flag in ("seeds", "limit", "agree_tokens", "recall_queries", "draft_len"):
         if getattr(args, flag) is not None:  # None: not given
             cli.at_least(cli.flag_name(flag), getattr(args, flag), 1)
     cli.positive("--prefill-chunk", args.prefill_chunk)
