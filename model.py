@@ -249,7 +249,9 @@ class StaticKVCache(nn.Module):
             pos.masked_fill_(drop, -1)
 
     def attend(self, layer: int, q, k, v, q_pos):
-        if not self.flex:
+        # FlexAttention serves the compiled single-token step; a draft's verification (several
+        # queries) runs eagerly, where FlexAttention would fall back to an unfused kernel
+        if not self.flex or q.shape[2] > 1:
             return grouped_attention(q, k, v, q_pos, self._buf("pos", layer))
         from torch.nn.attention.flex_attention import flex_attention
         # CPU inductor (torch 2.13) emits C++ that fails to compile when its flash-decoding path

@@ -873,10 +873,13 @@ def test_compiled_decode_step_compiles_once(method):
         out = compiled(t, p, c)
         graphs.append(counters["stats"]["unique_graphs"])
         return out
-    out, stats = G.run(model, ids, cfg, max_new_tokens=20, fast=True, compile=True, step=step)
-    assert out == ref and len(graphs) == 19 + (cfg.lookahead if method == "laqpp" else 0)
-    assert graphs[0] >= 1 and graphs[-1] == graphs[0], f"recompiled: {graphs}"
-    assert stats.compile_s > 0 and "compile" in stats.line()
+    for reuse in (False, True):  # reuse: each accepted pseudo token saves one step
+        graphs.clear()
+        out, stats = G.run(model, ids, cfg, max_new_tokens=20, fast=True, compile=True, step=step, reuse=reuse)
+        assert out == ref and len(graphs) == 19 + (cfg.lookahead if method == "laqpp" else 0) - stats.accepted
+        assert graphs[0] >= 1 and graphs[-1] == graphs[0], f"recompiled: {graphs}"
+        assert stats.compile_s > 0 and "compile" in stats.line()
+    assert stats.accepted > 0 if method == "laqpp" else stats.drafted == 0
 
 
 # ----------------------------------------------------------------------------------------------
