@@ -2,6 +2,7 @@
 
     python generate.py --ckpt llama --budget 256 --prompt "..."
     python generate.py --method laqpp --budget 128 --prompt-file doc.txt
+    python generate.py --method snapkv --budget 128 --cache-limit 512 --max-new-tokens 2048   # bounded memory
 
 Stdout carries only the generated text, streamed; a one-line summary goes to stderr.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
 
 import cli
 
@@ -232,13 +234,14 @@ def append_tokens(out: list, tokens: list, eos_ids, max_new_tokens: int) -> bool
 
 @torch.no_grad()
 def decode(model, cache, logits, next_pos, *, max_new_tokens: int, eos_ids=(), sampling: Sampling = Sampling(),
-           on_token=None, step=None, draft: Draft | None = None) -> list[list[int]]:
+           on_token=None, step=None, draft: Draft | None = None, evictor=None) -> list[list[int]]:
     """Decode from the prefill logits `[B, V]`, the cache growing by one entry per token; a row stops at
     EOS, all stop after max_new_tokens. `on_token` sees row 0. `step(tokens [B, 1], pos [B, 1], cache)
     -> logits [B, V]` may be a compiled decode step.
     Each round feeds the last token with the draft's proposal (none without a draft: plain decoding,
     one token per round), keeps the accepted prefix (`accept`), rewinds the rest, and emits the
-    accepted tokens plus the one that follows them."""
+    accepted tokens plus the one that follows them. `evictor(cache, n)` (a cache limit, see
+    `Evictor`) makes room for the n entries a round feeds."""
     step = step or plain_step(model)
     gen = sampling.generator(logits.device)
     B = logits.shape[0]
@@ -249,6 +252,8 @@ def decode(model, cache, logits, next_pos, *, max_new_tokens: int, eos_ids=(), s
         left = max_new_tokens - min(len(o) for o, finished in zip(out, done.tolist()) if not finished)
         proposal = draft.propose(pending, logits, pos, left - 1, gen) if draft else None
         tokens, q = proposal or (pos.new_zeros(B, 0), None)  # [B, k]
+        if evictor:
+            evictor(cache, tokens.shape[1] + (pending is not None))
         n, nxt = accept(target_logits(model, step, cache, pending, tokens, pos, logits), tokens, q, sampling, gen)
         if draft:
             draft.drafted += tokens.shape[1] * int((~done).sum())
@@ -281,14 +286,19 @@ class Stats:
     compile_s: float = 0.0  # the compiled step's first call (compiles once per cache capacity)
     drafted: int = 0  # speculative modes (reuse, verify): draft tokens proposed and accepted
     accepted: int = 0
+    cache_limit: int | None = None
+    limit_evict_s: float = 0.0  # decode-time eviction (a cache limit), part of decode_s
+    limit_evictions: int = 0
 
     def line(self) -> str:
         tps = self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
         compiled = f" | compile {self.compile_s:.1f} s" if self.compile_s else ""
         draft = f" | draft {self.accepted}/{self.drafted} accepted" if self.drafted else ""
+        limit = "" if self.cache_limit is None else (
+            f" | limit {self.cache_limit}: eviction {100 * self.limit_evict_s / max(self.decode_s, 1e-9):.1f}% of decode")
         return (f"prompt {self.prompt_tokens} tok | KV kept {self.kept}/{self.prompt_tokens} per head per layer | "
                 f"prefill {self.prefill_s:.2f} s ({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s) | "
-                f"evict {self.evict_s:.3f} s | decode {self.new_tokens} tok at {tps:.1f} tok/s{compiled}{draft}")
+                f"evict {self.evict_s:.3f} s | decode {self.new_tokens} tok at {tps:.1f} tok/s{compiled}{draft}{limit}")
 
 
 def model_step(model):
@@ -344,6 +354,87 @@ def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=(), fast: FastPa
     return (pre.cache, None) if indices is None else (pre.cache.gather(indices), indices)
 
 
+EVICT_EVERY = 32  # slots freed per decode-time eviction: eviction work stays a few % of decode (README)
+
+
+def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify: str | None):
+    if cfg.method == "full":
+        raise BadInput("--cache-limit needs an evicting method (full keeps every entry)")
+    if not 1 <= evict_every < cache_limit:
+        raise BadInput(f"need 1 <= --evict-every < --cache-limit (got {evict_every} and {cache_limit})")
+    if verify:
+        raise BadInput("--cache-limit and --verify full do not go together: verification keeps the full cache")
+
+
+class Evictor:
+    """Bounded memory (a cache limit): before each decode round, when the fullest KV head has no room
+    for the round's entries, evict down to `limit - every` in one go (`lqc.plan_limit`), so the
+    scoring cost is paid once per `every` tokens. `step` wraps the single-token step `step(tokens,
+    pos, cache) -> (logits, queries per layer)` to keep the queries the rule reads: the last
+    `window` decode queries (seeded with the last prompt queries), or, for H2O, the queries since
+    their attention mass was last added to each entry's total (every `every` steps and before each
+    eviction: exact, since no entry a query saw leaves the cache before its mass is counted).
+    A draft's tokens (LAQ's reuse) are fed in one forward without queries: they miss the ring."""
+
+    def __init__(self, cfg: lqc.EvictConfig, cache, *, limit: int, every: int, step, obs: lqc.Observation,
+                 prompt_pos: list | None = None):
+        self.cfg, self.limit, self.every, self.inner = cfg, limit, every, step
+        self.kind = lqc.METHODS[cfg.method].scores
+        self.seconds, self.evictions = 0.0, 0
+        self.mass = None
+        self.queries = deque(maxlen=None if self.kind == "h2o" else cfg.window)  # (per layer [B, H_q, 1, D], pos [B, 1])
+        if self.kind == "h2o":  # the prompt queries' mass, moved to the decode cache's layout
+            self.mass = [lqc.carry(m, p, c) for m, p, c in zip(obs.mass, prompt_pos, cache.pos)]
+        elif self.kind != "streaming":
+            self.queries.extend(([q[:, :, t:t + 1] for q in obs.obs_q], obs.obs_pos[:, t:t + 1])
+                                for t in range(obs.obs_pos.shape[1]))
+
+    def step(self, tokens, pos, cache):
+        logits, q = self.inner(tokens, pos, cache)
+        if self.kind != "streaming":
+            self.queries.append(([x.clone() for x in q], pos))  # clone: a CUDA graph's next replay overwrites them
+        return logits
+
+    def __call__(self, cache, n: int = 1):
+        full = int(cache.kept().max()) + n > self.limit
+        if full or self.kind == "h2o" and len(self.queries) >= self.every:
+            sync(cache.k[0].device)
+            t = time.perf_counter()
+            if self.kind == "h2o":
+                self.add_mass(cache)
+            if full:
+                self.evict(cache, self.limit - max(self.every, n))
+            sync(cache.k[0].device)
+            self.seconds += time.perf_counter() - t
+
+    def stacked_queries(self):
+        """The kept queries per layer `[B, H_q, w, D]` and their positions `[B, w]`."""
+        qs, pos = zip(*self.queries)
+        return [torch.cat(q, dim=2) for q in zip(*qs)], torch.cat(pos, dim=1)
+
+    def add_mass(self, cache):
+        if not self.queries:
+            return
+        q, q_pos = self.stacked_queries()
+        self.mass = [lqc.accumulate_mass(m, ql, k, q_pos, p) for m, ql, k, p in zip(self.mass, q, cache.k, cache.pos)]
+        self.queries.clear()
+
+    def evict(self, cache, keep: int):
+        q, q_pos = self.stacked_queries() if self.kind not in ("h2o", "streaming") else (None, None)
+        indices = lqc.plan_limit(self.cfg, keep, keys=cache.k, positions=cache.pos, queries=q, q_pos=q_pos,
+                                 mass=self.mass)
+        cache.compact(indices)
+        if self.mass is not None:  # the kept entries' totals, padded to the cache's columns (a static cache keeps its width)
+            self.mass = [F.pad(lqc.take(m, i, 0.0), (0, k.shape[2] - i.shape[-1]))
+                         for m, i, k in zip(self.mass, indices, cache.k)]
+        self.evictions += 1
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def flex_available(device: torch.device) -> bool:
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
@@ -379,19 +470,26 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
 @torch.no_grad()
 def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_tokens=256, prefill_chunk=None,
               eos_ids=(), sampling: Sampling = Sampling(), on_token=None, fast=False, compile=False, step=None,
-              reuse=True, verify: str | None = None, draft_len: int = DRAFT_LEN):
+              reuse=True, verify: str | None = None, draft_len: int = DRAFT_LEN, cache_limit: int | None = None,
+              evict_every: int = EVICT_EVERY):
     """Prefill, evict, decode a batch of prompts (left-padded; each row evicted on its own).
     fast: the lookahead and decoding over static compacted caches; compile: with a compiled step
-    over FlexAttention. step: a `model_step`-like function to use on the fast path (tests pass a
-    compiled one to count its graphs). reuse (LAQ): LAQ's pseudo tokens are the first round's
-    draft. verify="full": lossless; the compacted cache drafts draft_len tokens a round and the
-    full cache, kept beside it, checks them. Returns (new token ids per row, Stats)."""
+    over FlexAttention. step: a `model_step`-like function to decode with (tests pass a compiled
+    one to count its graphs, or one that watches the cache). reuse (LAQ): LAQ's pseudo tokens are
+    the first round's draft. verify="full": lossless; the compacted cache drafts draft_len tokens a
+    round and the full cache, kept beside it, checks them. cache_limit: no KV head of any layer
+    holds more entries while decoding (the prompt's eviction keeps at most that many, then
+    `Evictor` frees evict_every at a time). Returns (new token ids per row, Stats)."""
     device = model.tok_embeddings.weight.device
     x, pad = left_pad(prompts, device)  # [B, L], [B]
-    stats = Stats(prompt_tokens=x.shape[1])
+    stats = Stats(prompt_tokens=x.shape[1], cache_limit=cache_limit)
     verify = None if verify == "none" else verify
     k = draft_len if verify else cfg.lookahead + 1 if reuse else 0  # the most draft tokens a round
     room = max_new_tokens + 2 * k + 1  # a round may feed k tokens past the end (see decode)
+    if cache_limit is not None:
+        check_limit(cfg, cache_limit, evict_every, verify)
+        cfg = replace(cfg, budget=min(cfg.budget, cache_limit))
+        room = cache_limit - cfg.budget  # capacity = the limit (the evictor makes room before each round)
     fp = None
     if fast or compile:
         fp = FastPath(step or make_step(model, compile), max(room, cfg.lookahead), flex=compile and flex_available(device))
@@ -403,7 +501,13 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
     cache, indices = evict(cfg, model, pre, eos_ids=eos_ids, fast=fp, on_pseudo=pseudo.append)
     cache = fp.pack(model, cache) if fp else cache
     stats.kept = int(cache.kept()[:, 0].float().mean().round())  # row 0, mean over layers and KV heads
-    step = (lambda t, p, c: fp(t, p, c)[0]) if fp else plain_step(model)
+    full_step = fp or step or model_step(model)  # -> (logits, queries)
+    step = (lambda t, p, c: full_step(t, p, c)[0]) if fp or step else plain_step(model)
+    evictor = None
+    if cache_limit is not None:
+        evictor = Evictor(cfg, cache, limit=cache_limit, every=evict_every, step=full_step, obs=pre.obs,
+                          prompt_pos=pre.cache.pos)
+        step, pre.cache = evictor.step, None  # the whole prompt's cache is not needed any more
     draft = None
     if verify and indices is not None:  # nothing evicted: nothing to check
         draft = CacheDraft(cache=cache, step=step, k=k, sampling=sampling)
@@ -413,13 +517,15 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
     t2 = time.perf_counter()
     evict_compile = fp.compile_s if fp else 0.0  # the lookahead may have compiled the step
     out = decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                 sampling=sampling, on_token=on_token, step=step, draft=draft)
+                 sampling=sampling, on_token=on_token, step=step, draft=draft, evictor=evictor)
     t3 = time.perf_counter()
     stats.compile_s = fp.compile_s if fp else 0.0
     stats.prefill_s, stats.evict_s = t1 - t0, t2 - t1 - evict_compile
     stats.decode_s, stats.new_tokens = t3 - t2 - (stats.compile_s - evict_compile), len(out[0])
     if draft:
         stats.drafted, stats.accepted = draft.drafted, draft.accepted
+    if evictor:
+        stats.limit_evict_s, stats.limit_evictions = evictor.seconds, evictor.evictions
     return out, stats
 
 
@@ -491,6 +597,12 @@ def parse_args(argv=None):
     p.add_argument("--verify", default="none", choices=["none", "full"],
                    help="full: lossless; the compacted cache drafts, the full cache (kept too) verifies")
     p.add_argument("--draft-len", type=int, default=DRAFT_LEN, help="draft tokens per round in --verify full")
+    p.add_argument("--cache-limit", type=int, default=None,
+                   help="bounded memory: at most this many KV entries per head per layer while decoding (evicts during "
+                        "decoding; the prompt's eviction keeps at most this many)")
+    p.add_argument("--evict-every", type=int, default=EVICT_EVERY,
+                   help="with --cache-limit: entries freed per decode-time eviction (the scoring cost is paid once per "
+                        "that many tokens)")
     return p.parse_args(argv)
 
 
@@ -535,7 +647,7 @@ def check_context(prompt_tokens: int, max_new_tokens: int, cfg: lqc.EvictConfig,
 
 def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, temperature, top_k, top_p, seed, chat, device,
          dtype, method, budget, window, window_laqpp, lookahead, pool, pool_kernel, prefill_chunk, fast=False,
-         compile=False, reuse=True, verify="none", draft_len=DRAFT_LEN):
+         compile=False, reuse=True, verify="none", draft_len=DRAFT_LEN, cache_limit=None, evict_every=EVICT_EVERY):
     cli.positive("--max-new-tokens", max_new_tokens)
     cli.positive("--prefill-chunk", prefill_chunk)
     cli.positive("--draft-len", draft_len)
@@ -543,6 +655,8 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
     notes = []
     cfg = cli.evict_config(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,
                            kernel=pool_kernel, pool=pool, notes=notes)
+    if cache_limit is not None:
+        check_limit(cfg, cache_limit, evict_every, None if verify == "none" else verify)
     answer_prefix = cli.check_utf8(answer_prefix, "--answer-prefix")
     if sys.stdout is None:  # started with `>&-`: the answer would go nowhere
         raise cli.CannotWrite("cannot write to stdout: it is closed")
@@ -564,7 +678,7 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
         cli.write_stdout(answer_prefix)
     out, stats = run(model, ids, cfg, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, eos_ids=tok.eos_ids,
                      sampling=Sampling(temperature, top_k, top_p, seed), on_token=Streamer(tok), fast=fast, compile=compile,
-                     reuse=reuse, verify=verify, draft_len=draft_len)
+                     reuse=reuse, verify=verify, draft_len=draft_len, cache_limit=cache_limit, evict_every=evict_every)
     cli.write_stdout("\n")
     print(f"[{method}] {stats.line()}", file=sys.stderr)
 

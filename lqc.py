@@ -143,10 +143,79 @@ def gather(indices: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.T
     """The kept entries of one layer: indices `[B, H_kv, K]` (from `select`; index S pads a head
     that keeps fewer), k, v `[B, H_kv, S, D]`, pos `[B, H_kv, S]` -> k, v `[B, H_kv, K, D]` and
     pos `[B, H_kv, K]`, where padding indices become empty slots (position -1)."""
-    S = k.shape[2]
-    safe = indices.clamp(max=S - 1)
-    take = safe[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, H_kv, K, D]
-    return k.gather(2, take), v.gather(2, take), torch.where(indices < S, pos.gather(2, safe), -1)
+    safe = indices.clamp(max=k.shape[2] - 1)[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, H_kv, K, D]
+    return k.gather(2, safe), v.gather(2, safe), take(pos, indices, -1)
+
+
+def take(values: torch.Tensor, indices: torch.Tensor, fill) -> torch.Tensor:
+    """Per-entry values `[B, H_kv, S]` (positions, H2O's mass) of the kept entries `[B, H_kv, K]`;
+    a padding index (S) reads `fill`."""
+    S = values.shape[-1]
+    return torch.where(indices < S, values.gather(-1, indices.clamp(max=S - 1)), fill)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bounded memory: eviction during decoding
+#
+# With a cache limit, decoding evicts too: when the cache is full, every entry (prompt and
+# generated) is scored with the queries the method has by then and the cache shrinks to `keep`
+# entries per KV head. A cache that grew after a ragged eviction has empty slots between its kept
+# and its new entries, so the rules below go by position, never by column: valid entries sit in
+# position order in every cache (appends are in order, gather keeps order).
+
+def keep_recent(scores: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """The `window` newest positions of each row score +inf (kept anyway), empty slots -inf.
+    scores, k_pos `[B, H_kv, S]` -> `[B, H_kv, S]`."""
+    newest = k_pos.amax(-1, keepdim=True)  # [B, H_kv, 1]
+    return scores.masked_fill(k_pos > newest - window, float("inf")).masked_fill(k_pos < 0, float("-inf"))
+
+
+def pool_valid(scores: torch.Tensor, k_pos: torch.Tensor, kernel: int = 7, kind: str = "max") -> torch.Tensor:
+    """`pool_scores` over the valid entries in position order, wherever their columns are: an empty
+    slot is no neighbour, so a cache with holes pools like one whose entries fill a prefix."""
+    order = (k_pos < 0).to(torch.int8).argsort(dim=-1, stable=True)  # [B, H_kv, S] valid entries first
+    return torch.empty_like(scores).scatter_(-1, order, pool_scores(scores.gather(-1, order), kernel, kind))
+
+
+def score_limit(cfg: "EvictConfig", k, k_pos, keep: int, *, q=None, q_pos=None, mass=None) -> torch.Tensor:
+    """Decode-time scores of every cached entry of one layer, for a cache shrinking to `keep`
+    entries per KV head (see `plan_limit`). k `[B, H_kv, S, D]`, k_pos `[B, H_kv, S]`; q `[B, H_q, w, D]`
+    at q_pos `[B, w]`: the last decode queries; mass `[B, H_kv, S]`: H2O's totals. -> `[B, H_kv, S]`."""
+    kind = METHODS[cfg.method].scores
+    if kind == "streaming":
+        sinks = min(cfg.sinks, keep)
+        return keep_recent(score_streaming(k_pos, sinks), k_pos, keep - sinks)
+    if kind == "h2o":
+        return keep_recent(mass, k_pos, min(cfg.window, keep))
+    scores = pool_valid(attention_mass(q, k, q_pos, k_pos), k_pos, cfg.kernel, cfg.pool)
+    return keep_recent(scores, k_pos, min(cfg.window, keep))
+
+
+def plan_limit(cfg: "EvictConfig", keep: int, *, keys: list, positions: list, queries: list | None = None,
+               q_pos: torch.Tensor | None = None, mass: list | None = None) -> list:
+    """Kept indices per layer `[B, H_kv, keep]` (sorted; for `gather`) when a full cache must shrink
+    to `keep` entries per KV head during decoding. Per method:
+      streaming: the sinks and the newest keep - sinks positions;
+      h2o: the `window` newest plus the heaviest others by the attention mass accumulated over
+           prompt and decode queries (`accumulate_mass`), as H2O does;
+      snapkv, pyramidkv, adakv, laq, laqpp: the `window` newest plus the others that the last
+           decode queries `[B, H_q, w, D]` (per layer, at q_pos `[B, w]`) attend to most, pooled.
+           The real answer's queries are what LAQ's pseudo queries stood in for; PyramidKV's and
+           Ada-KV's shares shaped the prompt's budget, the limit is the same for every head.
+    keys / positions: the cache per layer `[B, H_kv, S, D]` / `[B, H_kv, S]`."""
+    n = len(keys)
+    queries, mass = queries or [None] * n, mass or [None] * n
+    return [select(score_limit(cfg, k, p, keep, q=q, q_pos=q_pos, mass=m), keep)
+            for k, p, q, m in zip(keys, positions, queries, mass)]
+
+
+def carry(values: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor) -> torch.Tensor:
+    """Per-entry values `[B, H_kv, S]` of the entries at from_pos `[B, H_kv, S]`, read for the same
+    entries laid out at to_pos `[B, H_kv, S']` (a compacted or packed cache; every valid position
+    of to_pos is in from_pos). Empty slots read 0."""
+    table = values.new_zeros(*values.shape[:2], int(from_pos.max()) + 2)  # [B, H_kv, P + 1]; 0 collects empty slots
+    table.scatter_(-1, from_pos + 1, values)
+    return table.gather(-1, to_pos + 1).masked_fill(to_pos < 0, 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -160,6 +160,11 @@ class KVCache:
             width = int((pos >= 0).flatten(0, 1).any(0).nonzero().max()) + 1
             self.k[l], self.v[l], self.pos[l] = self.k[l][:, :, :width], self.v[l][:, :, :width], pos[:, :, :width]
 
+    def compact(self, indices: list[torch.Tensor]):
+        """In place: keep only the entries `indices[l]` (decode-time eviction, a cache limit)."""
+        kept = self.gather(indices)
+        self.k, self.v, self.pos = kept.k, kept.v, kept.pos
+
     def clone(self) -> "KVCache":
         out = KVCache(len(self.k))
         out.k, out.v, out.pos = [t.clone() for t in self.k], [t.clone() for t in self.v], [t.clone() for t in self.pos]
@@ -226,6 +231,18 @@ class StaticKVCache(nn.Module):
             out.pos[l][:, :, :w] = torch.where(m.gather(2, order), cache.pos[l].gather(2, order), -1)
             out.length[l].copy_(m.sum(-1))
         return out
+
+    def compact(self, indices: list[torch.Tensor]):
+        """In place: per layer, the entries `indices[l]` `[B, H_kv, K]` (sorted, so valid entries
+        come first) move to the first K slots; the other slots become empty. The buffers keep their
+        shapes and addresses, so a compiled decode step runs on without recompiling."""
+        for l, idx in enumerate(indices):
+            kb, vb, pb = (self._buf(name, l) for name in ("k", "v", "pos"))
+            k, v, pos = gather(idx, kb, vb, pb)  # [B, H_kv, K, D], [B, H_kv, K]
+            K = idx.shape[-1]
+            kb[:, :, :K], vb[:, :, :K], pb[:, :, :K] = k, v, pos
+            pb[:, :, K:] = -1
+            self._buf("length", l).copy_((pos >= 0).sum(-1))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Write k, v `[B, H_kv, T, D]` at positions `[B, T]` into each head's next free slots."""
