@@ -883,6 +883,167 @@ def test_compiled_decode_step_compiles_once(method):
 
 
 # ----------------------------------------------------------------------------------------------
+# Bounded memory: eviction during decoding (--cache-limit)
+
+def kept_positions(cache) -> list:
+    """Per row, layer and KV head, the set of positions a cache holds."""
+    return [[[set(p[b, h][p[b, h] >= 0].tolist()) for h in range(p.shape[1])] for p in cache.pos]
+            for b in range(cache.pos[0].shape[0])]
+
+
+def limited_run(model, prompts, cfg, *, limit, every, steps, fast=False, step=None):
+    """run_batch with a cache limit. Returns (tokens per row, kept positions at the end, the fullest
+    head's size after every step)."""
+    inner = step or G.make_step(model, False, queries=G.limit_needs_queries(cfg))
+    sizes, last = [], []
+
+    def watched(t, p, c):
+        out = inner(t, p, c)
+        sizes.append(int(c.kept().max()))
+        last[:] = [c]
+        return out
+    toks, stats = G.run_batch(model, prompts, cfg, max_new_tokens=steps, cache_limit=limit, evict_every=every,
+                              fast=fast, step=watched)
+    assert stats.limit_evict_s >= 0 and all(len(t) == steps for t in toks)
+    return toks, kept_positions(last[0]), sizes
+
+
+@FAST
+@given(lengths=st.lists(st.integers(5, 50), min_size=1, max_size=2), budget=st.integers(4, 30),
+       limit=st.integers(10, 30), every=st.integers(1, 9), group=GROUPS, method=st.sampled_from(EVICTING),
+       fast=st.booleans())
+def test_cache_never_exceeds_the_limit(lengths, budget, limit, every, group, method, fast):
+    model = tiny(*group)
+    cfg = small_cfg(method, budget)
+    prompts = [rand_ids(model, n, i)[0].tolist() for i, n in enumerate(lengths)]
+    steps = 40
+    toks, kept, sizes = limited_run(model, prompts, cfg, limit=limit, every=every, steps=steps, fast=fast)
+    assert max(sizes) <= limit
+    if sizes[0] + steps - 2 > limit:  # the answer did not fit: evictions ran, and the cache was full at times
+        assert max(sizes) == limit and min(sizes[1:]) <= limit - every + 1
+    keep = limit - every
+    window = keep - min(cfg.sinks, keep) if method == "streaming" else min(cfg.window, keep)
+    for b, n in enumerate(lengths):
+        newest = n + steps - 2  # the last token written
+        for heads in kept[b]:
+            for pos in heads:
+                assert len(pos) <= limit and max(pos) == newest
+                assert set(range(newest - window + 1, newest + 1)) <= pos  # the newest entries are never evicted
+                if method == "streaming":
+                    assert set(range(min(cfg.sinks, n))) <= pos
+
+
+@FAST
+@given(L=st.integers(5, 50), budget=st.integers(4, 60), group=GROUPS, method=st.sampled_from(EVICTING),
+       fast=st.booleans(), every=st.integers(1, 8))
+def test_limit_that_holds_prompt_and_answer_changes_nothing(L, budget, group, method, fast, every):
+    model = tiny(*group)
+    cfg = small_cfg(method, budget)
+    ids = rand_ids(model, L, L)[0].tolist()
+    steps = 12
+    ref, _ = G.run(model, ids, cfg, max_new_tokens=steps, fast=fast)
+    kept0 = min(L, budget) if method not in ("pyramidkv", "adakv") else L
+    limit = max(kept0 + steps - 1, every + 1)  # the tightest limit the whole answer fits in (the last token is never written)
+    toks, _, sizes = limited_run(model, [ids], cfg, limit=limit, every=every, steps=steps, fast=fast)
+    assert toks[0] == ref
+    if method not in ("pyramidkv", "adakv"):
+        assert max(sizes) == limit or limit == every + 1
+
+
+@settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(lengths=st.lists(st.integers(10, 60), min_size=1, max_size=3), budget=st.integers(3, 30),
+       limit=st.integers(12, 40), every=st.integers(1, 8), group=GROUPS, method=st.sampled_from(EVICTING),
+       seed=st.integers(0, 5))
+@example(lengths=[60, 41], budget=30, limit=20, every=3, group=(4, 2), method="adakv", seed=0)  # ragged heads: holes
+def test_limit_on_static_cache_equals_readable_cache(lengths, budget, limit, every, group, method, seed):
+    model = tiny(*group, n_layers=3)
+    cfg = small_cfg(method, budget)
+    prompts = [rand_ids(model, n, seed + i)[0].tolist() for i, n in enumerate(lengths)]
+    ref_toks, ref_kept, ref_sizes = limited_run(model, prompts, cfg, limit=limit, every=every, steps=48)
+    toks, kept, sizes = limited_run(model, prompts, cfg, limit=limit, every=every, steps=48, fast=True)
+    assert kept == ref_kept and toks == ref_toks and sizes == ref_sizes
+
+
+def h2o_by_hand(model, ids, *, budget, window, limit, every, steps):
+    """H2O as published, written directly and slowly: every query ever run (the prompt's and the
+    answer's) is kept with the keys it saw; at each eviction every cached key's attention mass is
+    recomputed from scratch (fp64), and each KV head keeps its `window` newest entries plus the
+    heaviest others (ties to the earlier position). The prompt is first cut to `budget` the same
+    way. Returns (greedy tokens, kept positions per layer and KV head at the end)."""
+    a = model.args
+    group, L = a.n_heads // a.n_kv_heads, len(ids)
+    cache = model.new_cache()
+    logits, qs = model(torch.tensor([ids]), torch.arange(L)[None], cache, return_queries=True)
+    seen = [[(qs[l][0, :, t], t, cache.k[l][0], cache.pos[l][0]) for t in range(L)] for l in range(a.n_layers)]
+
+    def mass(l, h) -> dict:  # position -> attention it received from every query of the group that saw it
+        total = {}
+        for q, q_pos, k, k_pos in seen[l]:
+            vis = (k_pos[h] >= 0) & (k_pos[h] <= q_pos)
+            for g in range(h * group, (h + 1) * group):
+                probs = torch.softmax(k[h][vis].double() @ q[g].double() / a.head_dim ** 0.5, 0)
+                for p, x in zip(k_pos[h][vis].tolist(), probs.tolist()):
+                    total[p] = total.get(p, 0.0) + x
+        return total
+
+    def shrink(keep):
+        for l in range(a.n_layers):
+            cols = []
+            for h in range(a.n_kv_heads):
+                pos = cache.pos[l][0, h].tolist()
+                recent = sorted(pos)[-window:]
+                m = mass(l, h)
+                heavy = sorted((p for p in pos if p not in recent), key=lambda p: (-m[p], p))[: keep - window]
+                cols.append([pos.index(p) for p in sorted(heavy + recent)])
+            for buf in (cache.k, cache.v, cache.pos):
+                buf[l] = torch.stack([buf[l][:, h, c] for h, c in enumerate(cols)], dim=1)
+
+    if L > budget:
+        shrink(budget)
+    count, logits, toks = min(L, budget), logits[:, -1], []
+    for i in range(steps):
+        toks.append(int(logits.argmax()))
+        if i + 1 == steps:
+            break
+        if count >= limit:
+            shrink(limit - every)
+            count = limit - every
+        logits, qs = model(torch.tensor([toks[-1:]]), torch.tensor([[L + i]]), cache, return_queries=True)
+        logits, count = logits[:, -1], count + 1
+        for l in range(a.n_layers):
+            seen[l].append((qs[l][0, :, 0], L + i, cache.k[l][0], cache.pos[l][0]))
+    return toks, kept_positions(cache)[0]
+
+
+@pytest.mark.parametrize("every,fast", [(1, False), (4, False), (4, True)])
+def test_h2o_decode_eviction_equals_the_published_algorithm_by_hand(every, fast):
+    model = tiny(4, 2)
+    ids = rand_ids(model, 30, 3)[0].tolist()
+    cfg = small_cfg("h2o", 14, window=4)
+    ref_toks, ref_kept = h2o_by_hand(model, ids, budget=14, window=4, limit=20, every=every, steps=30)
+    toks, kept, sizes = limited_run(model, [ids], cfg, limit=20, every=every, steps=30, fast=fast)
+    assert max(sizes) == 20 and kept[0] == ref_kept and toks[0] == ref_toks
+
+
+def test_limit_evicts_in_place_without_recompiling_the_decode_step():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny(4, 2)
+    ids = rand_ids(model, 40)[0].tolist()
+    cfg = small_cfg("streaming", 16)
+    ref, _, ref_sizes = limited_run(model, [ids], cfg, limit=24, every=4, steps=30)
+    compiled, graphs = G.make_step(model, compile=True), []
+
+    def step(t, p, c):
+        out = compiled(t, p, c)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return out
+    toks, _, sizes = limited_run(model, [ids], cfg, limit=24, every=4, steps=30, fast=True, step=step)
+    assert toks == ref and sizes == ref_sizes and max(sizes) == 24
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], f"recompiled: {graphs}"
+
+
+# ----------------------------------------------------------------------------------------------
 # lqc_hf.py: the same policies on transformers models
 
 def hf_tiny(tmp_path, n_heads=4, n_kv_heads=2, seed=0):
