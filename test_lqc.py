@@ -954,7 +954,7 @@ def test_limit_that_holds_prompt_and_answer_changes_nothing(L, budget, group, me
 @given(lengths=st.lists(st.integers(10, 60), min_size=1, max_size=2), budget=st.integers(3, 30),
        limit=st.integers(12, 30), every=st.integers(2, 8), group=GROUPS, method=st.sampled_from(EVICTING),
        seed=st.integers(0, 5))
-@example(lengths=[60, 41], budget=30, limit=20, every=3, group=(4, 2), method="adakv", seed=0)  # ragged heads: holes
+@example(lengths=[60], budget=12, limit=26, every=4, group=(4, 2), method="adakv", seed=0)  # pooling saw holes as neighbours
 def test_limit_on_static_cache_equals_readable_cache(lengths, budget, limit, every, group, method, seed):
     model = tiny(*group, n_layers=3)
     cfg = small_cfg(method, budget)
