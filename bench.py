@@ -197,6 +197,55 @@ def markdown(rows, args) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Long answers: decoding with and without a cache limit
+
+@torch.no_grad()
+def limit_rows(model, tok, args, device) -> list[dict]:
+    """--decode-tokens greedy tokens after a --lengths[0]-token prompt evicted to --budgets[0], over the
+    static cache: the cache growing (no limit, first method) and bounded by --cache-limit (each method).
+    Speed over the first and the last 64 tokens, KV entries held and allocated at the end, peak
+    memory, decode-time eviction's share of decode time and its cost per eviction."""
+    n, n_new, rows = args.lengths[0], args.decode_tokens, []
+    ids = prompt_ids(tok, n)
+    for method, limit in [(args.methods[0], None), *[(m, args.cache_limit) for m in args.methods]]:
+        cfg = lqc.EvictConfig(method=method, budget=args.budgets[0], window=args.window)
+        stamps, last = [], []
+        inner = G.model_step(model)
+
+        def step(t, p, c):
+            last[:] = [c]
+            return inner(t, p, c)
+        peak_reset(device)
+        _, stats = G.run_batch(model, [ids], cfg, max_new_tokens=n_new, eos_ids=(), fast=True, step=step, reuse=False,
+                               on_token=lambda _: stamps.append(time.perf_counter()), cache_limit=limit,
+                               evict_every=args.evict_every)
+        k = min(64, len(stamps) // 2)
+        cache = last[0]
+        row = dict(length=n, method=method, limit=limit, new_tokens=n_new, evict_every=args.evict_every,
+                   first_tok_s=k / (stamps[k] - stamps[0]), last_tok_s=k / (stamps[-1] - stamps[-1 - k]),
+                   decode_tok_s=stats.new_tokens / stats.decode_s, kv_MB=kv_bytes(cache) / 2**20,
+                   kv_alloc_MB=2 * sum(b.numel() * b.element_size() for b in cache.k) / 2**20, peak_MB=peak_mb(device),
+                   evict_share=stats.limit_evict_s / stats.decode_s, evictions=stats.limit_evictions,
+                   evict_ms=1000 * stats.limit_evict_s / max(stats.limit_evictions, 1),
+                   step_ms=1000 * stats.decode_s / stats.new_tokens)
+        rows.append(row)
+        print(f"{method} limit={limit}: tok/s first {row['first_tok_s']:.1f} last {row['last_tok_s']:.1f} | "
+              f"KV {row['kv_MB']:.1f} MB held, {row['kv_alloc_MB']:.1f} MB allocated | eviction "
+              f"{100 * row['evict_share']:.1f}% ({row['evictions']} x {row['evict_ms']:.0f} ms)", file=sys.stderr)
+    return rows
+
+
+def limit_markdown(rows) -> str:
+    lines = ["| method | limit | tok/s first 64 | tok/s last 64 | last / first | KV MB held | KV MB allocated | "
+             "peak MB | eviction % of decode | ms per eviction | ms per token |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['limit'] or 'none'} | {r['first_tok_s']:.1f} | {r['last_tok_s']:.1f} | "
+                     f"{r['last_tok_s'] / r['first_tok_s']:.2f} | {r['kv_MB']:.1f} | {r['kv_alloc_MB']:.1f} | "
+                     f"{r['peak_MB']:.0f} | {100 * r['evict_share']:.1f} | {r['evict_ms']:.0f} | {r['step_ms']:.0f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # Peers: transformers (full cache) and kvpress's SnapKVPress, in this process, on the same prompt ids
 
 def load_peer(ckpt: str, dtype):
@@ -303,6 +352,11 @@ def parse_args(argv=None):
     p.add_argument("--peer-budget", type=int, default=256, help="entries kept by lqc snapkv and SnapKVPress")
     p.add_argument("--e2e-tokens", type=int, default=64,
                    help="end to end (prefill + evict + this many tokens) for snapkv, laq, laqpp, with and without reuse; 0: skip")
+    p.add_argument("--cache-limit", type=int, default=None,
+                   help="long answers instead: --decode-tokens tokens with the cache growing and bounded by this limit "
+                        "(prompt --lengths[0], budget --budgets[0], each --methods); only the limit table")
+    p.add_argument("--decode-tokens", type=int, default=2048, help="new tokens per --cache-limit run")
+    p.add_argument("--evict-every", type=int, default=G.EVICT_EVERY, help="with --cache-limit: entries freed per eviction")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md (new or empty)")
@@ -310,7 +364,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-OUTPUTS = ["bench.json", "bench.md", "peers.json", "peers.md"]
+OUTPUTS = ["bench.json", "bench.md", "peers.json", "peers.md", "limit.json", "limit.md"]
 SHORT = 256  # the full-cache reference prompt of the limit ratio
 
 
@@ -327,6 +381,10 @@ def check_args(args) -> list[str]:
     cli.at_least("--e2e-tokens", args.e2e_tokens, 0)
     if args.peers:
         check_peers(args)
+    if args.cache_limit is not None:
+        cli.at_least("--decode-tokens", args.decode_tokens, 2)
+        for m in args.methods:
+            G.check_limit(lqc.EvictConfig(method=m, budget=args.budgets[0]), args.cache_limit, args.evict_every, None)
     notes = []
     cli.check_grid(args.methods, args.budgets, notes, window=args.window)
     return notes
@@ -352,6 +410,15 @@ def check_lengths(args, tok, context: int, notes: list):
     cli.budgets_note(args.budgets, args.lengths, notes)
 
 
+def write_table(out: Path, args, name: str, rows: list[dict], markdown_fn) -> list[dict]:
+    """<out>/<name>.json and <name>.md, the table on stdout."""
+    cli.write_json(out / f"{name}.json", {"args": vars(args), "torch": torch.__version__, "rows": rows})
+    table = markdown_fn(rows)
+    cli.write_text(out / f"{name}.md", table + "\n")
+    cli.write_stdout(table + "\n")
+    return rows
+
+
 def write_results(out: Path, result: dict, complete: bool):
     cli.write_json(out / "bench.json", {**result, "complete": complete})
 
@@ -365,13 +432,11 @@ def main(args):
     for line in notes:
         cli.note("bench.py", line)
     cli.start_out(out, OUTPUTS)
+    if args.cache_limit is not None:
+        return write_table(out, args, "limit", limit_rows(model, tok, args, device), limit_markdown)
     if args.peers:
-        rows = peer_rows(model, tok, args, device, dtype)
-        cli.write_json(out / "peers.json", {"args": vars(args), "torch": torch.__version__, "rows": rows})
-        table = peer_markdown(rows, args.peer_budget)
-        cli.write_text(out / "peers.md", table + "\n")
-        cli.write_stdout(table + "\n")
-        return rows
+        return write_table(out, args, "peers", peer_rows(model, tok, args, device, dtype),
+                           lambda rows: peer_markdown(rows, args.peer_budget))
     steps = {"eager": (G.make_step(model, compile=False), False)}
     if not args.no_compile:
         flex = G.flex_available(device)
