@@ -1,4 +1,5 @@
-"""lqc: KV-cache eviction after prefill, as small functions over tensors. Needs only torch:
+"""lqc: KV-cache eviction after prefill (and during decoding, under a cache limit: `plan_limit`),
+as small functions over tensors. Needs only torch:
 copy this file alone into another project and run score -> select -> gather on your own tensors.
 
 The chain, per layer (the cache is kept per KV head, keys post-RoPE, every entry with its
