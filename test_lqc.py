@@ -893,19 +893,19 @@ def kept_positions(cache) -> list:
 
 def limited_run(model, prompts, cfg, *, limit, every, steps, fast=False, step=None):
     """run_batch with a cache limit. Returns (tokens per row, kept positions at the end, the fullest
-    head's size after every step)."""
-    inner = step or G.make_step(model, False, queries=G.limit_needs_queries(cfg))
-    sizes, last = [], []
+    head's size after every decode step)."""
+    inner = step or G.model_step(model)
+    seen = []
 
     def watched(t, p, c):
         out = inner(t, p, c)
-        sizes.append(int(c.kept().max()))
-        last[:] = [c]
+        seen.append((c, int(c.kept().max())))
         return out
     toks, stats = G.run_batch(model, prompts, cfg, max_new_tokens=steps, cache_limit=limit, evict_every=every,
                               fast=fast, step=watched)
     assert stats.limit_evict_s >= 0 and all(len(t) == steps for t in toks)
-    return toks, kept_positions(last[0]), sizes
+    cache = seen[-1][0]  # the decode cache (on the fast path LAQ's lookahead steps its own copy first)
+    return toks, kept_positions(cache), [n for c, n in seen if c is cache]
 
 
 @FAST
