@@ -1,17 +1,20 @@
-"""examples/ runs as written (with fewer tokens), so the examples the README points to cannot rot."""
+"""examples/ and check_cuda.py run as written (with fewer tokens), so what the README points to cannot rot."""
 from __future__ import annotations
 
 import json
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import eval as E
 from test_lqc import hf_tiny
 
-EXAMPLES = Path(__file__).resolve().parent / "examples"
+ROOT = Path(__file__).resolve().parent
+EXAMPLES = ROOT / "examples"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -61,3 +64,19 @@ def test_data_jsonl_is_in_eval_format_with_answers_in_the_context():
     assert len(tasks) == 3
     for t in tasks:
         assert "\n\nQuestion: " in t.context and any(a in t.context for a in t.answers)
+
+
+def test_check_cuda_refuses_in_one_line_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run check_cuda.py itself")
+    r = subprocess.run([sys.executable, str(ROOT / "check_cuda.py")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "no CUDA device" in r.stderr
+
+
+def test_check_cuda_checks_pass_on_the_cpu(capsys):
+    """The script's own logic, on the CPU (compile excepted: minutes on a CPU): one ok line per check."""
+    pytest.importorskip("transformers")
+    import check_cuda
+    assert check_cuda.main("cpu", ["dense", "flex", "bf16", "lqc_hf"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [l.split()[:2] for l in lines[1:]] == [["ok", "dense"], ["ok", "flex"], ["ok", "bf16"], ["ok", "lqc_hf"]]
