@@ -68,13 +68,13 @@ def check_dense(env: Env):
 
 @torch.no_grad()
 def check_flex(env: Env):
-    """The static cache with flex=True, decoded by the eager step: FlexAttention without compile."""
+    """The fast path with FlexAttention block masks but an eager step: FlexAttention without compile."""
     cfg = small_cfg("adakv")  # ragged heads: the per-head lengths the BlockMask must honour
-    x = torch.tensor([env.ids], device=env.device)
-    pre = G.prefill(env.model, x, keep_queries=cfg.obs_window)
-    cache = G.to_static(env.model, G.evict(cfg, env.model, pre)[0], NEW_TOKENS, flex=True)
+    fp = G.FastPath(G.make_step(env.model, compile=False), NEW_TOKENS, flex=True)
+    pre = G.prefill(env.model, torch.tensor([env.ids], device=env.device), keep_queries=cfg.obs_window)
+    cache = fp.pack(env.model, G.evict(cfg, env.model, pre, fast=fp)[0])
     got = G.decode(env.model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=NEW_TOKENS,
-                   step=G.make_step(env.model, compile=False))[0]
+                   step=lambda t, p, c: fp(t, p, c)[0])[0]
     return got == tokens(env.ref, env.ids, cfg), "adakv over StaticKVCache(flex=True)"
 
 

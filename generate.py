@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import cli
 
@@ -447,6 +449,85 @@ class Streamer:
         self.printed = text
 
 
+class Progress:
+    """One status line on stderr, rewritten in place, only when stderr is a terminal: a long
+    prefill or compiling the decode step is otherwise minutes of silence."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.shown = enabled, False
+
+    def show(self, text: str):
+        if self.enabled:
+            sys.stderr.write(f"\r{text}\033[K")
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self):
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+@contextmanager
+def prefill_progress(model, n_tokens: int, progress: Progress, then: str):
+    """Shows "prefill 512/8000 tokens, layer 12/30" from forward hooks (the model is not changed);
+    the hooks go once the prompt's last layer has run, before the lookahead or a compiled step
+    could see them, and `then` stays on the line."""
+    fed, n_layers = [0], len(model.layers)
+
+    def on_pass(module, args):  # args[0]: this pass's tokens [B, T]
+        fed[0] += args[0].shape[1]
+
+    def on_layer(i, module, args, output):
+        progress.show(f"prefill {fed[0]}/{n_tokens} tokens, layer {i + 1}/{n_layers}")
+        if i + 1 == n_layers and fed[0] >= n_tokens:
+            remove()
+            progress.show(then)
+
+    handles = []
+    if progress.enabled:
+        handles = [model.register_forward_pre_hook(on_pass)]
+        handles += [layer.register_forward_hook(partial(on_layer, i)) for i, layer in enumerate(model.layers)]
+
+    def remove():
+        for h in handles:
+            h.remove()
+    try:
+        yield
+    finally:
+        remove()
+
+
+class StreamAfterProgress:
+    """The CLI's on_token: the answer prefix and the text go to stdout once the status line is
+    cleared (both share the terminal). With --compile the first token waits one step more: other
+    methods than LAQ compile the step right after it."""
+
+    def __init__(self, streamer: Streamer, progress: Progress, prefix: str, compiling: bool):
+        self.streamer, self.progress, self.prefix, self.hold = streamer, progress, prefix, compiling
+        self.started = False
+
+    def __call__(self, ids):
+        if self.hold:
+            self.hold = False
+            self.progress.show("compiling the decode step (once per cache size; a minute or more on a CPU)")
+            return
+        self.start()
+        self.streamer(ids)
+
+    def start(self):
+        if not self.started:
+            self.progress.clear()
+            cli.write_stdout(self.prefix)
+            self.started = True
+
+    def finish(self, ids):
+        """After decoding: whatever is still held back."""
+        self.start()
+        self.streamer(ids)
+
+
 WINDOW_RULE = ("A window is part of the budget: --window or --window-laqpp above --budget is clamped to the budget "
                "(a note on stderr says so), and a --budget at least the prompt's length evicts nothing (a note too).")
 
@@ -560,11 +641,14 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
         notes.append(f"FlexAttention is not available on {dev.type}; using dense attention")
     for line in notes:  # all input is checked: what lqc does with it
         cli.note("generate.py", line)
-    if answer_prefix:
-        cli.write_stdout(answer_prefix)
-    out, stats = run(model, ids, cfg, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, eos_ids=tok.eos_ids,
-                     sampling=Sampling(temperature, top_k, top_p, seed), on_token=Streamer(tok), fast=fast, compile=compile,
-                     reuse=reuse, verify=verify, draft_len=draft_len)
+    progress = Progress(sys.stderr is not None and sys.stderr.isatty())
+    stream = StreamAfterProgress(Streamer(tok), progress, answer_prefix, compiling=compile)
+    then = "compiling the decode step" if compile else "evicting" if method != "full" else "decoding"
+    with prefill_progress(model, len(ids), progress, then=f"prefill done; {then} ({method})"):
+        out, stats = run(model, ids, cfg, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk,
+                         eos_ids=tok.eos_ids, sampling=Sampling(temperature, top_k, top_p, seed), on_token=stream,
+                         fast=fast, compile=compile, reuse=reuse, verify=verify, draft_len=draft_len)
+    stream.finish(out)
     cli.write_stdout("\n")
     print(f"[{method}] {stats.line()}", file=sys.stderr)
 
