@@ -548,9 +548,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="between -2**63 and 2**64-1")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the checkpoint's chat format (default: when it has one)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--method", default="laqpp", choices=lqc.METHOD_NAMES)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations; bfloat16 on a GPU")
+    p.add_argument("--method", default="laqpp", choices=lqc.METHOD_NAMES, help="the eviction policy (full: none)")
     p.add_argument("--budget", type=int, default=256, help="kept prompt entries per KV head per layer (> 0)")
     p.add_argument("--window", type=int, default=32,
                    help="observation window (SnapKV, PyramidKV, Ada-KV, LAQ's SnapKV copy) / recent window (H2O); "
@@ -558,15 +559,15 @@ def parse_args(argv=None):
     p.add_argument("--window-laqpp", type=int, default=8, help="prompt-suffix queries of LAQ++; >= 1, clamped to --budget")
     p.add_argument("--lookahead", type=int, default=8,
                    help="pseudo tokens of LAQ / LAQ++ (>= 1); prompt + this must fit the model's context")
-    p.add_argument("--pool", default="max", choices=["max", "avg"])
+    p.add_argument("--pool", default="max", choices=["max", "avg"], help="1-D pooling of the scores along positions")
     p.add_argument("--pool-kernel", type=int, default=7, help=f"odd, 1 to {cli.MAX_POOL_KERNEL}; 1 = no pooling")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="tokens per prefill forward, > 0 (default: the whole prompt in one causal pass; 512 for padded "
                         "batches and H2O)")
     p.add_argument("--fast", action="store_true", help="decode over a static (fixed-capacity) compacted cache")
     p.add_argument("--compile", action="store_true",
-                   help="--fast plus torch.compile of the decode step over FlexAttention (the first step compiles, "
-                        "30-60 s on CPU, and counts in the summary's decode time)")
+                   help="--fast plus torch.compile of the decode step over FlexAttention; the first step compiles "
+                        "(a minute or more on a CPU, shown apart as 'compile' in the summary)")
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                    help="LAQ / LAQ++: check the lookahead's pseudo tokens as a draft and keep the accepted ones")
     p.add_argument("--verify", default="none", choices=["none", "full"],
