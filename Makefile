@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(subst /,_,$(subst =,_,$(TORCH)))
 
-.PHONY: install run test fuzz bench eval clean
+.PHONY: install run test fuzz bench eval eval-quick clean
 
 $(STAMP): requirements.txt requirements-hf.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ fuzz: install
 
 eval: install
 	$(PY) eval.py --out out/eval --overwrite --plot-kept
+
+# a try-it run: the three short documents of examples/data.jsonl (eval.py's --data format), the
+# full cache, SnapKV and LAQ++ at budget 32 (2 min 40 s on this project's loaded 2-core machine)
+eval-quick: install
+	$(PY) eval.py --data examples/data.jsonl --methods full snapkv laqpp --budgets 32 --agree-tokens 16 \
+		--out out/eval-quick --overwrite
 
 bench: install
 	$(PY) bench.py --out out/bench --overwrite

@@ -444,7 +444,7 @@ def plot_heatmaps(rows, methods, budget, caption: str, path: Path):
 
 def label_layers(ax, n_layers: int, n_heads: int):
     """Rows are layer x KV head: a tick per few layers, at the layer's first head."""
-    every = max(1, n_layers // 8)
+    every = max(1, n_layers // 5)
     ax.set_yticks([l * n_heads for l in range(0, n_layers, every)], [str(l) for l in range(0, n_layers, every)],
                   fontsize=7)
     ax.set_ylabel("layer", fontsize=8)
