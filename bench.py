@@ -333,14 +333,16 @@ def peer_markdown(rows, budget) -> str:
 def parse_args(argv=None):
     p = cli.ArgParser(description="Benchmark prefill, eviction overhead and decode speed with compacted caches. "
                                   + G.WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
-    p.add_argument("--ckpt", default="smollm2")
+    p.add_argument("--ckpt", default="smollm2", help="short name, .gguf file, HF directory or hub id")
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8000], help="prompt lengths in tokens")
-    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512])
-    p.add_argument("--methods", nargs="+", default=list(EVICT_METHODS), choices=list(lqc.METHODS))
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512],
+                   help="kept entries per KV head per layer")
+    p.add_argument("--methods", nargs="+", default=list(EVICT_METHODS), choices=list(lqc.METHODS),
+                   help="methods whose eviction time is measured")
+    p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
+    p.add_argument("--window", type=int, default=32, help="observation window of the methods")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="tokens per prefill forward (default: the whole prompt in one causal pass; 512 for padded "
                         "batches and H2O)")
@@ -357,8 +359,8 @@ def parse_args(argv=None):
                         "(prompt --lengths[0], budget --budgets[0], each --methods); only the limit table")
     p.add_argument("--decode-tokens", type=int, default=2048, help="new tokens per --cache-limit run")
     p.add_argument("--evict-every", type=int, default=G.EVICT_EVERY, help="with --cache-limit: entries freed per eviction")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     p.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     return p.parse_args(argv)
@@ -454,7 +456,7 @@ def main(args):
                          device)[0]
     result["short_full"] = short
     at = [r for r in rows if r["length"] == max(args.lengths) and r["budget"] == 256]
-    lines = [markdown(rows, args), *[format_e2e(r, args) for r in e2e]]
+    lines = [markdown(rows, args), "", *[format_e2e(r, args) for r in e2e]]  # a blank line ends the table
     for name in steps:
         key = f"decode_{name}_tok_s"
         if at:

@@ -33,7 +33,22 @@ class CannotWrite(Exception):
     """An output could not be written (disk full, stdout closed); not the user's input, not a bug."""
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help shows each flag's default, except where there is none to show (None, a flag that is
+    off) or the help text already says it."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)  # as one would type it
+        return f"{action.help or ''} (default: {shown.replace('%', '%%')})"
+
+
 class ArgParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=kwargs.pop("formatter_class", DefaultsFormatter), **kwargs)
+
     def error(self, message):  # one line, exit 2, no usage dump
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)

@@ -22,6 +22,7 @@ the eviction; "prefill" starts from the full-cache prefill logits, as generate.p
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import string
@@ -364,34 +365,58 @@ def markdown_table(summary: dict, methods, budgets) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy(summary, methods, budgets, path: Path, metric="acc"):
+# One look per method in every figure: lines that lie on each other stay apart by marker and style
+# (LAQ / LAQ++ solid, the SnapKV family dash-dot, H2O / StreamingLLM dotted).
+STYLE = {"full": ("k", "", "--"), "streaming": ("tab:gray", "v", ":"), "h2o": ("tab:brown", "^", ":"),
+         "snapkv": ("tab:blue", "s", "-."), "pyramidkv": ("tab:cyan", "D", "-."), "adakv": ("tab:purple", "P", "-."),
+         "laq": ("tab:orange", "o", "-"), "laqpp": ("tab:red", "*", "-")}
+
+
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    return plt
+
+
+def run_caption(args, n_prompts: int) -> str:
+    """What a figure was measured on, for its title: the model, the prompts and how many."""
+    if args.data:
+        what = Path(args.data).name
+    else:
+        what = f"{', '.join(args.tasks)} at {', '.join(map(str, args.lengths))} tokens"
+    return f"{args.ckpt}, {what}: n = {n_prompts} prompts"
+
+
+def plot_accuracy(summary, methods, budgets, caption: str, path: Path, metric="acc"):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    curves = [m for m in methods if m != "full"]
     for ax, metric in zip(axes, (metric, "recall")):
-        for m in methods:
-            if m == "full":
-                ax.axhline(summary[("full", "full")][metric], color="k", ls="--", label="full")
-                continue
-            ax.plot(budgets, [summary[(m, b)][metric] for b in budgets], marker="o", label=m)
+        for k, m in enumerate(curves):
+            color, marker, ls = STYLE[m]
+            dodge = 2 ** (0.03 * (k - (len(curves) - 1) / 2))  # equal points side by side, not on top
+            ax.plot([b * dodge for b in budgets], [summary[(m, b)][metric] for b in budgets], color=color, ls=ls,
+                    marker=marker, markersize=8, markerfacecolor="none", markeredgewidth=1.5, label=m)
+        if "full" in methods:
+            ax.axhline(summary[("full", "full")][metric], color="k", ls="--", label="full cache")
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_xlabel("budget (kept entries per KV head per layer)")
-        ax.set_ylabel(metric)
-    axes[0].legend(fontsize=8)
+        ax.set_ylabel({"acc": "accuracy", "recall": "attention recall"}.get(metric, metric))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=2)
+    fig.suptitle(f"Accuracy and attention recall vs budget ({caption})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_heatmaps(rows, methods, budget, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_heatmaps(rows, methods, budget, caption: str, path: Path):
+    plt = pyplot()
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
-    fig, axes = plt.subplots(1, len(methods), figsize=(2.2 * len(methods), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(1.2 + 1.6 * len(methods), 3.2), squeeze=False)
     for ax, m in zip(axes[0], methods):
         grid = torch.full((len(depths), len(lengths)), float("nan"))
         for i, d in enumerate(depths):
@@ -400,28 +425,40 @@ def plot_heatmaps(rows, methods, budget, path: Path):
                        and (m == "full" or r["budget"] == budget)]
                 if sel:
                     grid[i, j] = sum(sel) / len(sel)
-        ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_title(m if m == "full" else f"{m}@{budget}", fontsize=8)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=6)
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=6)
-    axes[0][0].set_ylabel("depth")
-    fig.supxlabel("context length (tokens)", fontsize=8)
+        image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                v = grid[i, j].item()
+                ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=9)
+        ax.set_title(m if m == "full" else f"{m} @ {budget}", fontsize=9)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=8)
+    axes[0][0].set_ylabel("depth of the fact (0 = start)", fontsize=8)
+    fig.supxlabel("context length (tokens)", fontsize=9)
+    fig.suptitle(f"Accuracy per length and depth at budget {budget} ({caption})", fontsize=10)
     fig.tight_layout()
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", fraction=0.02, pad=0.01)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def label_layers(ax, n_layers: int, n_heads: int):
+    """Rows are layer x KV head: a tick per few layers, at the layer's first head."""
+    every = max(1, n_layers // 5)
+    ax.set_yticks([l * n_heads for l in range(0, n_layers, every)], [str(l) for l in range(0, n_layers, every)],
+                  fontsize=7)
+    ax.set_ylabel("layer", fontsize=8)
 
 
 @torch.no_grad()
 def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
     """Which prompt positions each layer and KV head kept, per method, for one example."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     ids = tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix)
     L, dev = len(ids), model.tok_embeddings.weight.device
     x = torch.tensor([ids], device=dev)
     methods = [m for m in methods if m != "full"]
-    fig, axes = plt.subplots(len(methods), 1, figsize=(10, 1.4 * len(methods)), squeeze=False)
+    fig, axes = plt.subplots(len(methods), 1, figsize=(10, 0.6 + 1.6 * len(methods)), squeeze=False)
     for ax, m in zip(axes[:, 0], methods):
         pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp),
                         h2o=m == "h2o")
@@ -435,9 +472,11 @@ def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
         if task.needle_char >= 0:  # mark the fact: the tokens of the prompt text before it
             text = format_chat(tok.chat_format, task.context, tok.system_prompt) if tok.chat_format else task.context
             ax.axvline(len(tok.encode(text[: text.index(task.context) + task.needle_char])), color="red", lw=0.8)
-        ax.set_ylabel(m, fontsize=8)
-        ax.set_yticks([])
-    axes[-1, 0].set_xlabel(f"prompt position (red: the fact); rows: layer x KV head; budget {budget}")
+        ax.set_title(m, fontsize=9, loc="left")
+        label_layers(ax, len(indices), indices[0].shape[1])
+    axes[-1, 0].set_xlabel("prompt position (red line: the fact)")
+    fig.suptitle(f"Prompt positions kept (black) per layer and KV head, budget {budget}: one {task.name} prompt of "
+                 f"{L} tokens, {args.ckpt}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -453,30 +492,31 @@ GENERATED = dict(tasks=["passkey", "needle", "multikey"], lengths=[1024, 2048], 
 def parse_args(argv=None):
     p = cli.ArgParser(description="Evaluate KV-cache eviction methods on long-context retrieval and fidelity. "
                                   + G.WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
-    p.add_argument("--ckpt", default="smollm2")
+    p.add_argument("--ckpt", default="smollm2", help="short name, .gguf file, HF directory or hub id")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), help=f"default: {' '.join(GENERATED['tasks'])}")
     p.add_argument("--data", help="LongBench-format UTF-8 JSONL (context / input / answers) instead of generated tasks")
     p.add_argument("--limit", type=int, default=None, help="at most this many JSONL examples (with --data)")
     p.add_argument("--lengths", nargs="+", type=int, help="prompt lengths in tokens (default: 1024 2048)")
     p.add_argument("--depths", nargs="+", type=float, help="where the fact sits, in [0, 1] (default: 0.25 0.75)")
     p.add_argument("--seeds", type=int, help="instances per task x length x depth (default: 1)")
-    p.add_argument("--methods", nargs="+", default=list(lqc.METHOD_NAMES), choices=lqc.METHOD_NAMES)
-    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256])
-    p.add_argument("--first-token", default="redecode", choices=["redecode", "prefill"])
-    p.add_argument("--agree-tokens", type=int, default=64)
-    p.add_argument("--recall-queries", type=int, default=16)
+    p.add_argument("--methods", nargs="+", default=list(lqc.METHOD_NAMES), choices=lqc.METHOD_NAMES, help="methods to compare")
+    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256], help="kept entries per KV head per layer")
+    p.add_argument("--first-token", default="redecode", choices=["redecode", "prefill"],
+                   help="redecode: the last prompt token is re-run on the evicted cache (see the top of eval.py)")
+    p.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared with the full cache's")
+    p.add_argument("--recall-queries", type=int, default=16, help="decode queries whose attention defines recall")
     p.add_argument("--draft-len", type=int, default=G.DRAFT_LEN,
                    help="draft tokens per round for the verify-mode acceptance rate (the compacted cache drafts)")
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--window-laqpp", type=int, default=8)
-    p.add_argument("--lookahead", type=int, default=8)
-    p.add_argument("--pool", default="max", choices=["max", "avg"])
-    p.add_argument("--pool-kernel", type=int, default=7)
+    p.add_argument("--window", type=int, default=32, help="observation window (SnapKV family, LAQ's copy) / recent window (H2O)")
+    p.add_argument("--window-laqpp", type=int, default=8, help="prompt-suffix queries of LAQ++")
+    p.add_argument("--lookahead", type=int, default=8, help="pseudo tokens of LAQ / LAQ++")
+    p.add_argument("--pool", default="max", choices=["max", "avg"], help="1-D pooling of the scores along positions")
+    p.add_argument("--pool-kernel", type=int, default=7, help="odd; 1 = no pooling")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="tokens per prefill forward (default: the whole prompt in one causal pass; 512 for padded "
                         "batches and H2O)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     p.add_argument("--out", default="out/eval", help="folder for results.json, results.md and figures (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace the results and figures of an earlier run in --out")
     p.add_argument("--plot-kept", action="store_true", help="also draw which positions each layer and head kept")
@@ -558,9 +598,10 @@ def main(args) -> dict:
         write_results(out, args, rows)
     summary = summarize(rows)
     table = markdown_table(summary, args.methods, budgets)
-    save_figure(out / "accuracy_vs_budget.png", plot_accuracy, summary, args.methods, budgets)
+    caption = run_caption(args, len(tasks))
+    save_figure(out / "accuracy_vs_budget.png", plot_accuracy, summary, args.methods, budgets, caption)
     if not args.data:
-        save_figure(out / "heatmap.png", plot_heatmaps, rows, args.methods, budgets[0])
+        save_figure(out / "heatmap.png", plot_heatmaps, rows, args.methods, budgets[0], caption)
     if args.plot_kept:
         save_figure(out / "kept.png", plot_kept, model, tok, tasks[0], args.methods, budgets[0], args)
     cli.write_text(out / "results.md", table + "\n")

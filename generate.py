@@ -12,7 +12,9 @@ import argparse
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 
 import cli
 
@@ -553,6 +555,85 @@ class Streamer:
         self.printed = text
 
 
+class Progress:
+    """One status line on stderr, rewritten in place, only when stderr is a terminal: a long
+    prefill or compiling the decode step is otherwise minutes of silence."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.shown = enabled, False
+
+    def show(self, text: str):
+        if self.enabled:
+            sys.stderr.write(f"\r{text}\033[K")
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self):
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+@contextmanager
+def prefill_progress(model, n_tokens: int, progress: Progress, then: str):
+    """Shows "prefill 512/8000 tokens, layer 12/30" from forward hooks (the model is not changed);
+    the hooks go once the prompt's last layer has run, before the lookahead or a compiled step
+    could see them, and `then` stays on the line."""
+    fed, n_layers = [0], len(model.layers)
+
+    def on_pass(module, args):  # args[0]: this pass's tokens [B, T]
+        fed[0] += args[0].shape[1]
+
+    def on_layer(i, module, args, output):
+        progress.show(f"prefill {fed[0]}/{n_tokens} tokens, layer {i + 1}/{n_layers}")
+        if i + 1 == n_layers and fed[0] >= n_tokens:
+            remove()
+            progress.show(then)
+
+    handles = []
+    if progress.enabled:
+        handles = [model.register_forward_pre_hook(on_pass)]
+        handles += [layer.register_forward_hook(partial(on_layer, i)) for i, layer in enumerate(model.layers)]
+
+    def remove():
+        for h in handles:
+            h.remove()
+    try:
+        yield
+    finally:
+        remove()
+
+
+class StreamAfterProgress:
+    """The CLI's on_token: the answer prefix and the text go to stdout once the status line is
+    cleared (both share the terminal). With --compile the first token waits one step more: other
+    methods than LAQ compile the step right after it."""
+
+    def __init__(self, streamer: Streamer, progress: Progress, prefix: str, compiling: bool):
+        self.streamer, self.progress, self.prefix, self.hold = streamer, progress, prefix, compiling
+        self.started = False
+
+    def __call__(self, ids):
+        if self.hold:
+            self.hold = False
+            self.progress.show("compiling the decode step (once per cache size; a minute or more on a CPU)")
+            return
+        self.start()
+        self.streamer(ids)
+
+    def start(self):
+        if not self.started:
+            self.progress.clear()
+            cli.write_stdout(self.prefix)
+            self.started = True
+
+    def finish(self, ids):
+        """After decoding: whatever is still held back."""
+        self.start()
+        self.streamer(ids)
+
+
 WINDOW_RULE = ("A window is part of the budget: --window or --window-laqpp above --budget is clamped to the budget "
                "(a note on stderr says so), and a --budget at least the prompt's length evicts nothing (a note too).")
 
@@ -573,9 +654,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="between -2**63 and 2**64-1")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the checkpoint's chat format (default: when it has one)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--method", default="laqpp", choices=lqc.METHOD_NAMES)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations; bfloat16 on a GPU")
+    p.add_argument("--method", default="laqpp", choices=lqc.METHOD_NAMES, help="the eviction policy (full: none)")
     p.add_argument("--budget", type=int, default=256, help="kept prompt entries per KV head per layer (> 0)")
     p.add_argument("--window", type=int, default=32,
                    help="observation window (SnapKV, PyramidKV, Ada-KV, LAQ's SnapKV copy) / recent window (H2O); "
@@ -583,15 +665,15 @@ def parse_args(argv=None):
     p.add_argument("--window-laqpp", type=int, default=8, help="prompt-suffix queries of LAQ++; >= 1, clamped to --budget")
     p.add_argument("--lookahead", type=int, default=8,
                    help="pseudo tokens of LAQ / LAQ++ (>= 1); prompt + this must fit the model's context")
-    p.add_argument("--pool", default="max", choices=["max", "avg"])
+    p.add_argument("--pool", default="max", choices=["max", "avg"], help="1-D pooling of the scores along positions")
     p.add_argument("--pool-kernel", type=int, default=7, help=f"odd, 1 to {cli.MAX_POOL_KERNEL}; 1 = no pooling")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="tokens per prefill forward, > 0 (default: the whole prompt in one causal pass; 512 for padded "
                         "batches and H2O)")
     p.add_argument("--fast", action="store_true", help="decode over a static (fixed-capacity) compacted cache")
     p.add_argument("--compile", action="store_true",
-                   help="--fast plus torch.compile of the decode step over FlexAttention (the first step compiles, "
-                        "30-60 s on CPU, and counts in the summary's decode time)")
+                   help="--fast plus torch.compile of the decode step over FlexAttention; the first step compiles "
+                        "(a minute or more on a CPU, shown apart as 'compile' in the summary)")
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                    help="LAQ / LAQ++: check the lookahead's pseudo tokens as a draft and keep the accepted ones")
     p.add_argument("--verify", default="none", choices=["none", "full"],
@@ -674,11 +756,15 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
         notes.append(f"FlexAttention is not available on {dev.type}; using dense attention")
     for line in notes:  # all input is checked: what lqc does with it
         cli.note("generate.py", line)
-    if answer_prefix:
-        cli.write_stdout(answer_prefix)
-    out, stats = run(model, ids, cfg, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, eos_ids=tok.eos_ids,
-                     sampling=Sampling(temperature, top_k, top_p, seed), on_token=Streamer(tok), fast=fast, compile=compile,
-                     reuse=reuse, verify=verify, draft_len=draft_len, cache_limit=cache_limit, evict_every=evict_every)
+    progress = Progress(sys.stderr is not None and sys.stderr.isatty())
+    stream = StreamAfterProgress(Streamer(tok), progress, answer_prefix, compiling=compile)
+    then = "compiling the decode step" if compile else "evicting" if method != "full" else "decoding"
+    with prefill_progress(model, len(ids), progress, then=f"prefill done; {then} ({method})"):
+        out, stats = run(model, ids, cfg, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk,
+                         eos_ids=tok.eos_ids, sampling=Sampling(temperature, top_k, top_p, seed), on_token=stream,
+                         fast=fast, compile=compile, reuse=reuse, verify=verify, draft_len=draft_len,
+                         cache_limit=cache_limit, evict_every=evict_every)
+    stream.finish(out)
     cli.write_stdout("\n")
     print(f"[{method}] {stats.line()}", file=sys.stderr)
 

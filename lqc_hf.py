@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-import generate as G
 import lqc
-from model import apply_rope
+from lqc_modules import generate as G, model as M  # lqc's own files, without taking the names from your code
 
 
 def attention_modules(model) -> list:
@@ -47,7 +46,7 @@ def capture_queries(model, keep: int | None = None):
         if keep is not None:
             x, cos, sin = x[:, -keep:], cos[:, -keep:], sin[:, -keep:]
         q = project_queries(module, x).transpose(1, 2)  # [B, H_q, T, D]
-        store[module.layer_idx].append(apply_rope(q, cos[:, None], sin[:, None]))
+        store[module.layer_idx].append(M.apply_rope(q, cos[:, None], sin[:, None]))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model)]
     try:

@@ -1,0 +1,40 @@
+"""lqc's Python API on its own model: load a checkpoint, prefill + evict + decode a document and
+its question with one method and budget, print the answer.
+
+    pip install -e .   (or make install), then:
+    python examples/api.py                                   # SmolLM2-135M-Instruct, LAQ++ keeping 64
+    python examples/api.py --method snapkv --budget 128
+    python examples/api.py --ckpt path/to/hf_dir --device cuda --dtype bfloat16
+
+The same steps by hand: generate.prefill -> generate.evict (lqc.plan_eviction) -> generate.decode.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+import lqc
+from lqc_modules import checkpoint, generate  # lqc's model.py/generate.py, under private names
+
+DOC = Path(__file__).parent / "doc.txt"  # a document whose last line is a question
+
+
+def answer(ckpt: str, method: str, budget: int, max_new_tokens: int, device: str, dtype: str) -> str:
+    model, tok = checkpoint.load(ckpt, device, getattr(torch, dtype))
+    ids = tok.prompt_ids(DOC.read_text().strip(), chat=tok.chat_format is not None)
+    cfg = lqc.EvictConfig(method=method, budget=budget)  # window, lookahead, pooling: keyword fields
+    out, stats = generate.run(model, ids, cfg, max_new_tokens=max_new_tokens, eos_ids=tok.eos_ids)
+    print(f"[{method}] {stats.line()}")
+    return tok.decode(out)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Answer examples/doc.txt's question with KV-cache eviction.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="smollm2", help="short name, .gguf file, HF directory or hub id")
+    p.add_argument("--method", default="laqpp", choices=lqc.METHOD_NAMES)
+    p.add_argument("--budget", type=int, default=64, help="kept prompt entries per KV head per layer")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    print(answer(**vars(p.parse_args())))
