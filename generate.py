@@ -744,7 +744,7 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
         raise cli.CannotWrite("cannot write to stdout: it is closed")
     text = read_prompt(prompt, prompt_file, demo).rstrip()  # a file's or echo's final newline is not part of the question
     if not text.strip():
-        raise BadInput("the prompt is empty: give --prompt, --prompt-file or text on stdin")
+        raise BadInput("the prompt is empty: give --prompt, --prompt-file, text on stdin, or --demo for the built-in one")
     dev, dt = check_device(device, dtype)
     model, tok = load(ckpt, dev, dt)
     if chat and not tok.chat_format:

@@ -778,6 +778,21 @@ def test_one_pass_causal_prefill_equals_the_chunked_masked_one(method):
     assert kept[0] == [[set(i[0, h].tolist()) for h in range(i.shape[1])] for i in kept_fast]
 
 
+def test_readme_paste_example(tmp_path):
+    """The README's "paste lqc.py" block runs with only lqc.py beside it."""
+    import re
+    import shutil
+    readme = (Path(__file__).parent / "README.md").read_text()
+    block = re.search(r"<!-- paste-example:.*?-->\n```python\n(.*?)```", readme, re.S).group(1)
+    shutil.copy(Path(__file__).parent / "lqc.py", tmp_path / "lqc.py")
+    (tmp_path / "example.py").write_text("import torch\ntorch.manual_seed(0)\n" + block)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-s", "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    kept = [int(x) for x in re.findall(r"-?\d+", r.stdout)]
+    assert len(kept) == 10 and kept == sorted(kept) and all(0 <= p < 300 for p in kept)
+
+
 def test_rope_frequencies_and_static_cache_survive_dtype_moves():
     model = tiny(4, 2).to(torch.bfloat16)
     assert model.inv_freq.dtype == torch.float32
