@@ -347,9 +347,20 @@ def grouped_attention(q, k, v, q_pos, k_pos):
     # the G query heads of a KV head folded into the query-length axis: one SDPA call per KV head
     # serves the group (and is fast in bf16 on CPU, unlike enable_gqa with one query)
     qg = q.reshape(B, Hkv, G * T, D)
+    if sees_every_key(q_pos, k_pos):  # decoding over a cache without holes: the mask would be all True
+        return F.scaled_dot_product_attention(qg, k, v).view(B, Hq, T, D)
     mask = position_mask(k_pos, q_pos)  # [B, H_kv, T, S]
     mg = mask[:, :, None].expand(B, Hkv, G, T, S).reshape(B, Hkv, G * T, S)
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=mg).view(B, Hq, T, D)
+
+
+def sees_every_key(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
+    """Whether `visible` holds for every query and key (no empty slot, no key after a query), so
+    SDPA needs no mask: building and converting one over thousands of keys costs more than the
+    check. Skipped inside torch.compile, where a data-dependent branch would break the graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool((k_pos >= 0).all() and k_pos.max() <= q_pos.min())
 
 
 def is_causal_block(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
