@@ -306,8 +306,9 @@ def resolve_checkpoint(ckpt: str) -> Path:
         return hub_download(target)
     except CheckpointError as e:
         if ckpt in FALLBACK:
-            print(f"lqc: {target} is not in the local HF cache and cannot be downloaded; using --ckpt {FALLBACK[ckpt]} "
-                  "(also a Llama) instead", file=sys.stderr)
+            # the reason (offline, gated, not found) stays in the line: a user must know why
+            print(f"lqc: {e}; using --ckpt {FALLBACK[ckpt]} (also a Llama) instead (a gated model: accept its licence "
+                  "on the hub, then log in or set HF_TOKEN)", file=sys.stderr)
             return resolve_checkpoint(FALLBACK[ckpt])
         raise e
 
