@@ -205,8 +205,10 @@ class CacheDraft(Draft):
 
 
 def plain_step(model):
-    """The readable single-token step: tokens, pos `[B, 1]`, cache -> logits `[B, V]`."""
-    return lambda tokens, pos, cache: model(tokens, pos, cache)[:, -1]
+    """The readable single-token step: tokens, pos `[B, 1]`, cache -> logits `[B, V]` (`model_step`'s
+    logits: one forward rule for decoding, the lookahead and the compiled step)."""
+    step = model_step(model)
+    return lambda tokens, pos, cache: step(tokens, pos, cache)[0]
 
 
 def target_logits(model, step, cache, pending, draft, pos, logits):
