@@ -267,6 +267,33 @@ def end_to_end(run_fn, new_tokens: int, reps: int) -> dict:
     return dict(prefill_s=p, end_to_end_s=e, decode_ms=1000 * (e - p) / new_tokens)
 
 
+def lqc_run(model, ids: list[int], cfg: lqc.EvictConfig, n_new: int):
+    """A run_fn for end_to_end: lqc's run from the prompt ids, exactly n_new tokens (no EOS)."""
+    def fn():
+        t = time.perf_counter()
+        _, stats = G.run(model, ids, cfg, max_new_tokens=n_new, eos_ids=())
+        return stats.prefill_s + stats.evict_s, time.perf_counter() - t
+    return fn
+
+
+def hf_run(hf, x: torch.Tensor, n_new: int, press=None):
+    """A run_fn for end_to_end: a transformers model's prefill (with the press's compression) alone,
+    then a whole greedy generate of exactly n_new tokens."""
+    def timed_call(fn):
+        sync(x.device)
+        t = time.perf_counter()
+        with press(hf) if press else contextlib.nullcontext():
+            fn()
+        sync(x.device)
+        return time.perf_counter() - t
+
+    def fn():
+        return (timed_call(lambda: hf(x, logits_to_keep=1)),
+                timed_call(lambda: hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                               pad_token_id=0)))
+    return fn
+
+
 def peer_rows(model, tok, args, device, dtype) -> list[dict]:
     """lqc (full cache; snapkv at --peer-budget) against transformers (full cache) and kvpress's
     SnapKVPress keeping the same count, end to end: prefill (+ eviction) + --peer-tokens greedy tokens."""
@@ -276,35 +303,15 @@ def peer_rows(model, tok, args, device, dtype) -> list[dict]:
     transformers.logging.disable_progress_bar()
     hf = load_peer(args.ckpt, dtype).to(device)
     n_new, budget, rows = args.peer_tokens, args.peer_budget, []
-
-    def lqc_run(ids, cfg):
-        def fn():
-            t = time.perf_counter()
-            _, stats = G.run(model, ids, cfg, max_new_tokens=n_new, eos_ids=())  # no EOS: exactly n_new tokens
-            return stats.prefill_s + stats.evict_s, time.perf_counter() - t
-        return fn
-
-    def hf_run(x, press=None):
-        def timed_call(fn):
-            t = time.perf_counter()
-            with press(hf) if press else contextlib.nullcontext():
-                fn()
-            return time.perf_counter() - t
-
-        def fn():  # the prefill (with the press's compression) alone, then a whole generate
-            return (timed_call(lambda: hf(x, logits_to_keep=1)),
-                    timed_call(lambda: hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                                   pad_token_id=0)))
-        return fn
-
     for n in args.lengths:
         ids = prompt_ids(tok, n)
         x = torch.tensor([ids], device=device)
         snap = kvpress.SnapKVPress(compression_ratio=1 - budget / n, window_size=args.window, kernel_size=7)
-        runs = {"lqc full": lqc_run(ids, lqc.EvictConfig(method="full")),
-                "transformers full": hf_run(x),
-                f"lqc snapkv {budget}": lqc_run(ids, lqc.EvictConfig(method="snapkv", budget=budget, window=args.window)),
-                f"kvpress SnapKVPress {budget}": hf_run(x, snap)}
+        runs = {"lqc full": lqc_run(model, ids, lqc.EvictConfig(method="full"), n_new),
+                "transformers full": hf_run(hf, x, n_new),
+                f"lqc snapkv {budget}": lqc_run(model, ids, lqc.EvictConfig(method="snapkv", budget=budget,
+                                                                             window=args.window), n_new),
+                f"kvpress SnapKVPress {budget}": hf_run(hf, x, n_new, snap)}
         for name, fn in runs.items():
             fn()  # warm-up
         for name, fn in runs.items():

@@ -12,6 +12,11 @@ Each check runs on the device and compares with the readable path on the CPU in 
   bf16     the same run in bfloat16: finite logits; greedy tokens that agree with fp32 are reported
   lqc_hf   a transformers Llama loaded with device_map="auto": lqc_hf.compress + greedy give lqc's tokens
 Without a GPU it says so in one line and exits 2.
+
+For speed on a GPU without downloading a model (decode and prefill time do not depend on the weights):
+
+    .venv/bin/python check_cuda.py --random-ckpt /tmp/r1b     # Llama-3.2-1B's shapes, random bf16 weights
+    .venv/bin/python bench.py --ckpt /tmp/r1b --device cuda --dtype bfloat16 --lengths 8192 32768 --budgets 1024
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ import torch
 import generate as G
 import lqc
 from checkpoint import load
-from test_lqc import hf_tiny, rand_ids
+import model as M
+from test_lqc import hf_tiny, rand_ids, save_hf_dir
 
 NEW_TOKENS = 12
 METHODS = [m for m in lqc.METHOD_NAMES if m != "full"]
@@ -136,7 +142,31 @@ def quiet():
         pass
 
 
-def main(device: str, checks: list[str]) -> int:
+# Llama-3.2-1B's shapes (its config.json), without its RoPE scaling: the same work per token
+LLAMA_1B = M.ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192, vocab_size=128256,
+                       norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True)
+
+
+@torch.no_grad()
+def write_random_ckpt(path: Path, device: str) -> int:
+    """A Llama of LLAMA_1B's shapes with random bf16 weights and a tiny tokenizer, as an HF directory that
+    lqc and transformers both load: for speed runs only (its text is noise)."""
+    if path.exists() and any(path.iterdir()):
+        print(f"check_cuda.py: --random-ckpt {path} exists and is not empty; give a new folder", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = M.Transformer(LLAMA_1B).to(torch.bfloat16)
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.ndim > 1 else p.fill_(1.0)
+    save_hf_dir(model, path)
+    print(f"wrote {path}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, random", flush=True)
+    return 0
+
+
+def main(device: str, checks: list[str], random_ckpt: Path | None = None) -> int:
+    if random_ckpt is not None:
+        return write_random_ckpt(random_ckpt, device if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print(f"check_cuda.py: no CUDA device here (torch {torch.__version__}, CUDA build {torch.version.cuda}): "
@@ -160,4 +190,6 @@ if __name__ == "__main__":
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--checks", nargs="+", default=list(CHECKS), choices=list(CHECKS))
+    p.add_argument("--random-ckpt", type=Path, default=None,
+                   help="write a random Llama-3.2-1B-shaped HF checkpoint there for bench.py, and stop")
     sys.exit(main(**vars(p.parse_args())))

@@ -456,7 +456,17 @@ def make_step(model, compile: bool):
     device = model.tok_embeddings.weight.device
     # dynamic=False: a new capacity gets its own static graph; the CPU FlexAttention kernel does
     # not compile with a symbolic KV length (torch 2.13)
-    return torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+    if device.type != "cuda":
+        return torch.compile(step, dynamic=False)
+    graph = torch.compile(step, mode="reduce-overhead", dynamic=False)
+
+    def cuda_graph_step(tokens, pos, cache):
+        # a CUDA graph replays into the same output buffers: the lookahead keeps every step's
+        # queries, so each step's outputs are copied out before the next replay overwrites them
+        torch.compiler.cudagraph_mark_step_begin()
+        logits, queries = graph(tokens, pos, cache)
+        return logits.clone(), [q.clone() for q in queries]
+    return cuda_graph_step
 
 
 def to_static(model, cache, extra: int, flex: bool):
@@ -497,9 +507,11 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
     fp = None
     if fast or compile:
         fp = FastPath(step or make_step(model, compile), max(room, cfg.lookahead), flex=compile and flex_available(device))
+    sync(device)  # on CUDA, the stages' times are the GPU's, not the launches'
     t0 = time.perf_counter()
     pre = prefill(model, x, chunk=prefill_chunk, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o",
                   pad=pad if pad.any() else None)
+    sync(device)
     t1 = time.perf_counter()
     pseudo = []
     cache, indices = evict(cfg, model, pre, eos_ids=eos_ids, fast=fp, on_pseudo=pseudo.append)
@@ -518,10 +530,12 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
         cache = to_static(model, pre.cache, fp.extra, flex=False) if fp else pre.cache  # the target: the full cache
     elif reuse and pseudo:
         draft = PseudoDraft(tokens=pseudo[0])
+    sync(device)
     t2 = time.perf_counter()
     evict_compile = fp.compile_s if fp else 0.0  # the lookahead may have compiled the step
     out = decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                  sampling=sampling, on_token=on_token, step=step, draft=draft, evictor=evictor)
+    sync(device)
     t3 = time.perf_counter()
     stats.compile_s = fp.compile_s if fp else 0.0
     stats.prefill_s, stats.evict_s = t1 - t0, t2 - t1 - evict_compile

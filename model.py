@@ -345,13 +345,14 @@ def grouped_attention(q, k, v, q_pos, k_pos):
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv  # query head h reads KV head h // G
     # the G query heads of a KV head folded into the query-length axis: one SDPA call per KV head
-    # serves the group (and is fast in bf16 on CPU, unlike enable_gqa with one query)
+    # serves the group (and is fast in bf16 on CPU, unlike enable_gqa with one query). reshape, not
+    # view, on the way back: CUDA kernels may return the output in a [B, G*T, H_kv, D] layout
     qg = q.reshape(B, Hkv, G * T, D)
     if sees_every_key(q_pos, k_pos):  # decoding over a cache without holes: the mask would be all True
-        return F.scaled_dot_product_attention(qg, k, v).view(B, Hq, T, D)
+        return F.scaled_dot_product_attention(qg, k, v).reshape(B, Hq, T, D)
     mask = position_mask(k_pos, q_pos)  # [B, H_kv, T, S]
     mg = mask[:, :, None].expand(B, Hkv, G, T, S).reshape(B, Hkv, G * T, S)
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mg).view(B, Hq, T, D)
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mg).reshape(B, Hq, T, D)
 
 
 def sees_every_key(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
