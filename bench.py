@@ -147,32 +147,43 @@ def bench_length(model, tok, n, args, steps_fns, device) -> list[dict]:
     return rows
 
 
-E2E = (("snapkv", False), ("laq", False), ("laq", True), ("laqpp", False), ("laqpp", True))  # (method, reuse)
+def e2e_runs(args) -> list[tuple[str, str, dict, str]]:
+    """(label, method, run_batch options, label of the row it is compared with) per end-to-end row:
+    snapkv, laq and laqpp with and without reuse of LAQ's pseudo tokens; with --verify-draft-lens,
+    full-cache decoding and `--verify full` (snapkv and laqpp drafting) per draft length."""
+    runs = [("snapkv", "snapkv", dict(reuse=False), "snapkv")]
+    for m in ("laq", "laqpp"):
+        runs += [(m, m, dict(reuse=False), "snapkv"), (f"{m}+reuse", m, dict(reuse=True), "snapkv")]
+    if args.verify_draft_lens:
+        runs.append(("full", "full", {}, "full"))
+        runs += [(f"{m} verify k={k}", m, dict(reuse=False, verify="full", draft_len=k), "full")
+                 for k in args.verify_draft_lens for m in ("snapkv", "laqpp")]
+    return runs
 
 
 @torch.no_grad()
 def bench_end_to_end(model, tok, n, args, device) -> list[dict]:
-    """Prefill + evict + args.e2e_tokens greedy tokens (static cache, no EOS), per method with and
-    without reuse of LAQ's pseudo tokens: medians of --reps, and the ratio to SnapKV's time."""
+    """Prefill + evict + args.e2e_tokens greedy tokens (static cache, no EOS) per e2e_runs row:
+    medians of --reps, and the ratio to its reference row (snapkv, or full for verify mode)."""
     ids, rows = prompt_ids(tok, n), []
     for b in args.budgets:
-        for m, reuse in E2E:
+        for label, m, options, ref in e2e_runs(args):
             cfg, times = lqc.EvictConfig(method=m, budget=b, window=args.window), []
             for _ in range(args.reps):
                 (_, stats), dt = timed(lambda: G.run(model, ids, cfg, max_new_tokens=args.e2e_tokens, fast=True,
-                                                     prefill_chunk=args.prefill_chunk, reuse=reuse), device)
+                                                     prefill_chunk=args.prefill_chunk, **options), device)
                 times.append(dt)
-            rows.append(dict(length=n, budget=b, method=m, reuse=reuse, e2e_s=statistics.median(times),
-                             drafted=stats.drafted, accepted=stats.accepted))
-            rows[-1]["vs_snapkv"] = rows[-1]["e2e_s"] / next(r["e2e_s"] for r in rows if r["budget"] == b)
+            rows.append(dict(length=n, budget=b, run=label, method=m, **options, e2e_s=statistics.median(times),
+                             drafted=stats.drafted, accepted=stats.accepted, ref=ref))
+            rows[-1]["ratio"] = rows[-1]["e2e_s"] / next(r["e2e_s"] for r in rows if r["budget"] == b and r["run"] == ref)
             print(format_e2e(rows[-1], args), file=sys.stderr)
     return rows
 
 
 def format_e2e(r, args) -> str:
     draft = f" draft {r['accepted']}/{r['drafted']}" if r["drafted"] else ""
-    return (f"L={r['length']:>5} budget={r['budget']:>4} {r['method']}{'+reuse' if r['reuse'] else ''}: "
-            f"{r['e2e_s']:.2f} s to {args.e2e_tokens} tokens ({r['vs_snapkv']:.2f}x snapkv){draft}")
+    return (f"L={r['length']:>5} budget={r['budget']:>4} {r['run']}: "
+            f"{r['e2e_s']:.2f} s to {args.e2e_tokens} tokens ({r['ratio']:.2f}x {r['ref']}){draft}")
 
 
 def format_row(r, args) -> str:
@@ -361,6 +372,8 @@ def parse_args(argv=None):
     p.add_argument("--peer-budget", type=int, default=256, help="entries kept by lqc snapkv and SnapKVPress")
     p.add_argument("--e2e-tokens", type=int, default=64,
                    help="end to end (prefill + evict + this many tokens) for snapkv, laq, laqpp, with and without reuse; 0: skip")
+    p.add_argument("--verify-draft-lens", type=int, nargs="+", default=[], metavar="K",
+                   help="with --e2e-tokens: also full-cache decoding and --verify full with these draft lengths")
     p.add_argument("--cache-limit", type=int, default=None,
                    help="long answers instead: --decode-tokens tokens with the cache growing and bounded by this limit "
                         "(prompt --lengths[0], budget --budgets[0], each --methods); only the limit table")
@@ -388,6 +401,10 @@ def check_args(args) -> list[str]:
     cli.positive("--prefill-chunk", args.prefill_chunk)
     cli.at_least("--warmup", args.warmup, 0)
     cli.at_least("--e2e-tokens", args.e2e_tokens, 0)
+    cli.positive("--verify-draft-lens", *args.verify_draft_lens)
+    cli.distinct("--verify-draft-lens", args.verify_draft_lens)
+    if args.verify_draft_lens and not args.e2e_tokens:
+        raise BadInput("--verify-draft-lens needs --e2e-tokens > 0 (verify mode is timed end to end)")
     if args.peers:
         check_peers(args)
     if args.cache_limit is not None:
