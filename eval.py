@@ -3,6 +3,7 @@
     python eval.py                                    # the default grid (make eval)
     python eval.py --tasks passkey --lengths 4096 --depths 0.1 0.5 0.9 --budgets 64 128
     python eval.py --data longbench_qasper.jsonl      # LongBench-format JSONL (context/input/answers)
+    python eval.py --tasks listing --lengths 1024 --budgets 256 512   # long answers under a cache limit
 
 Per task instance the prompt is prefilled once with the full cache; every method then evicts from
 that cache and is scored on:
@@ -15,6 +16,11 @@ that cache and is scored on:
   kl         mean KL(full || method) of next-token distributions, teacher-forced on the full-cache
              continuation
   evict%     eviction time as a share of prefill time
+Long answers (--tasks listing, alone): 48 codes in the middle of the prompt, asked back in full
+(about 600 tokens of answer); each --budgets value is a cache limit (generate.py --cache-limit):
+the prompt is evicted to it, then the cache stays within it while --answer-tokens are written.
+Scored per method and limit: acc = share of the codes written right, agree and kl over the whole
+answer (teacher-forced under the limit), evict% = decode-time eviction's share of decoding.
 First-token mode (--first-token): "redecode" (default) hides the last prompt entry after eviction
 and re-runs the last prompt token against the compacted cache, so every answer token depends on
 the eviction; "prefill" starts from the full-cache prefill logits, as generate.py does.
@@ -30,6 +36,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import cli
@@ -89,6 +96,7 @@ class Task:
     depth: float  # where the fact sits, 0 = start, 1 = end
     needle_char: int = -1  # character offset of the fact in `context`
     answers: tuple = ()  # LongBench: every accepted answer (scored by the best F1)
+    values: tuple = ()  # listing: the codes to write back, in order
 
 
 def _overhead(tok, prefix: str) -> int:
@@ -143,7 +151,31 @@ def make_multikey(tok, length, depth, seed, n_keys=40) -> Task:
     return Task("multikey", ctx, prefix, values[target], length, depth, at)
 
 
-TASKS = {"passkey": make_passkey, "needle": make_needle, "multikey": make_multikey}
+def make_listing(tok, length, depth, seed, n_items=48) -> Task:
+    """Long answer: a list of codes between two halves of filler, asked back in full. Writing it
+    takes about 12 tokens a code, so the last codes are needed hundreds of tokens after decoding
+    started: with a cache limit, a method must keep the list while the answer grows. `depth` is
+    unused (the list sits in the middle)."""
+    rng = random.Random(f"listing-{length}-{seed}")
+    values = [str(rng.randint(10000, 99999)) for _ in range(n_items)]
+    codes = " ".join(f"Code {i + 1} is {v}." for i, v in enumerate(values))
+    question = f"Write out all {n_items} codes in order, one per line, as 'Code <number> is <value>.'"
+    prefix = "Code 1 is"
+    listing = f" Here is the list of codes. {codes} That is the whole list. "
+    fill = take_filler(tok, rng, length - len(tok.encode(listing + question)) - _overhead(tok, prefix))
+    before, after = " ".join(fill[:len(fill) // 2]), " ".join(fill[len(fill) // 2:])
+    ctx = f"{before}{listing}{after}\n\n{question}"
+    return Task("listing", ctx, prefix, f" {values[0]}.", length, 0.5, len(before) + 1, values=tuple(values))
+
+
+def listing_score(text: str, values) -> float:
+    """Share of the codes written with their right value ("Code k is v"), in any order."""
+    got = dict(re.findall(r"Code (\d+) is (\d+)", text))
+    return sum(got.get(str(i + 1)) == v for i, v in enumerate(values)) / len(values)
+
+
+TASKS = {"passkey": make_passkey, "needle": make_needle, "multikey": make_multikey, "listing": make_listing}
+LONG_ANSWER = "listing"  # scored per cache limit, with decode-time eviction (evaluate_long_answer)
 
 
 def load_longbench(path: str, limit: int | None) -> list[Task]:
@@ -338,18 +370,89 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
     return rows
 
 
+def limited_decoder(model, cfg: lqc.EvictConfig, pre, limit: int, every: int, eos_ids):
+    """The prompt evicted to the limit and an `Evictor` that keeps the readable cache within it
+    while decoding, as `generate.py --cache-limit` does: (cache, evictor)."""
+    cache, indices = G.evict(cfg, model, pre, eos_ids=eos_ids)
+    cache = cache.clone() if indices is None else cache  # nothing evicted: the prefill's own cache, kept for the next method
+    return cache, G.Evictor(cfg, cache, limit=limit, every=every, step=G.model_step(model), obs=pre.obs,
+                            prompt_pos=pre.cache.pos)
+
+
+def forced_limited_logits(cache, evictor, first_logits, tokens: list[int], L: int) -> torch.Tensor:
+    """Next-token logits `[n, V]` predicting tokens, teacher-forced one token a step with the cache
+    kept within the limit (each step's entry may evict, as in free decoding)."""
+    dev, out = first_logits.device, [first_logits[0]]
+    for i, t in enumerate(tokens[:-1]):
+        evictor(cache, 1)
+        out.append(evictor.step(torch.tensor([[t]], device=dev), torch.tensor([[L + i]], device=dev), cache)[0])
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def evaluate_long_answer(model, tok, task: Task, methods, limits, args) -> list[dict]:
+    """A long answer under a cache limit: per method and limit, the codes written right (acc), the
+    greedy tokens equal to the full cache's (agree, over --answer-tokens), the mean KL to the full
+    cache teacher-forced on its answer, and decode-time eviction's share of decoding."""
+    ids = tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix)
+    L, dev = len(ids), model.tok_embeddings.weight.device
+    pre = G.prefill(model, torch.tensor([ids], device=dev), chunk=args.prefill_chunk,
+                    keep_queries=max(args.window, args.window_laqpp), h2o="h2o" in methods)
+    n, eos = args.answer_tokens, tok.eos_ids
+    t0 = time.perf_counter()
+    full_out = G.decode(model, pre.cache.clone(), pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos)[0]
+    full_s = time.perf_counter() - t0
+    ref = full_out or [eos[0]]
+    full_tf = continuation_logits(model, pre.cache, pre.obs.logits, ids[-1], ref, L, "prefill")
+    rows = []
+    for method in methods:
+        for limit in ([limits[-1]] if method == "full" else limits):
+            if method == "full":
+                out, tf, evict_share = full_out, full_tf, 0.0
+            else:
+                cfg = evict_config(args, method, limit)
+                cache, evictor = limited_decoder(model, cfg, pre, limit, args.evict_every, eos)
+                t0 = time.perf_counter()
+                out = G.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos,
+                               step=evictor.step, evictor=evictor)[0]
+                evict_share = evictor.seconds / (time.perf_counter() - t0)
+                cache, evictor = limited_decoder(model, cfg, pre, limit, args.evict_every, eos)
+                tf = forced_limited_logits(cache, evictor, pre.obs.logits, ref, L)
+            text = task.answer_prefix + tok.decode(out)
+            common = next((i for i, (a, b) in enumerate(zip(out + [-1], ref + [-1])) if a != b), len(ref) + 1)
+            rows.append(dict(task=task.name, length=task.length, prompt_tokens=L, method=method,
+                             budget=limit if method != "full" else L, acc=listing_score(text, task.values),
+                             agree=common / (len(ref) + 1), kl=kl_mean(full_tf, tf), evict_share=evict_share,
+                             new_tokens=len(out), full_decode_s=full_s, output=text[:400]))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Reporting
 
 METRICS = ("acc", "tf_logp", "tf_top1", "recall", "agree", "kl", "accept", "evict_share")
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(rows: list[dict], metrics=METRICS) -> dict:
     """Mean of each metric per (method, budget); full cache under budget 'full'."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["method"], "full" if r["method"] == "full" else r["budget"])].append(r)
-    return {k: {m: sum(r[m] for r in v) / len(v) for m in METRICS} | {"n": len(v)} for k, v in groups.items()}
+    return {k: {m: sum(r[m] for r in v) / len(v) for m in metrics} | {"n": len(v)} for k, v in groups.items()}
+
+
+LONG_METRICS = ("acc", "agree", "kl", "evict_share")
+
+
+def long_answer_table(summary: dict, methods, limits) -> str:
+    lines = ["| method | cache limit | n | codes right | agree | KL | eviction % of decode |", "|" + "---|" * 7]
+    for m in methods:
+        for b in (["full"] if m == "full" else limits):
+            s = summary.get((m, b))
+            if s:
+                lines.append(f"| {m} | {'none' if b == 'full' else b} | {s['n']} | {s['acc']:.2f} | {s['agree']:.2f} | "
+                             f"{s['kl']:.3f} | {100 * s['evict_share']:.1f} |")
+    return "\n".join(lines)
 
 
 def markdown_table(summary: dict, methods, budgets) -> str:
@@ -388,11 +491,12 @@ def run_caption(args, n_prompts: int) -> str:
     return f"{args.ckpt}, {what}: n = {n_prompts} prompts"
 
 
-def plot_accuracy(summary, methods, budgets, caption: str, path: Path, metric="acc"):
+def plot_accuracy(summary, methods, budgets, caption: str, path: Path, metrics=("acc", "recall"),
+                  xlabel="budget (kept entries per KV head per layer)"):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     curves = [m for m in methods if m != "full"]
-    for ax, metric in zip(axes, (metric, "recall")):
+    for ax, metric in zip(axes, metrics):
         for k, m in enumerate(curves):
             color, marker, ls = STYLE[m]
             dodge = 2 ** (0.03 * (k - (len(curves) - 1) / 2))  # equal points side by side, not on top
@@ -402,11 +506,12 @@ def plot_accuracy(summary, methods, budgets, caption: str, path: Path, metric="a
             ax.axhline(summary[("full", "full")][metric], color="k", ls="--", label="full cache")
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.set_xlabel("budget (kept entries per KV head per layer)")
-        ax.set_ylabel({"acc": "accuracy", "recall": "attention recall"}.get(metric, metric))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel({"acc": "accuracy", "recall": "attention recall", "agree": "agreement with the full cache"}
+                      .get(metric, metric))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, ncol=2)
-    fig.suptitle(f"Accuracy and attention recall vs budget ({caption})", fontsize=10)
+    fig.suptitle(f"{' and '.join(metrics)} vs {xlabel.split(' (')[0]} ({caption})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -504,6 +609,10 @@ def parse_args(argv=None):
     p.add_argument("--first-token", default="redecode", choices=["redecode", "prefill"],
                    help="redecode: the last prompt token is re-run on the evicted cache (see the top of eval.py)")
     p.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared with the full cache's")
+    p.add_argument("--answer-tokens", type=int, default=512,
+                   help=f"--tasks {LONG_ANSWER}: tokens of the long answer (its --budgets are cache limits)")
+    p.add_argument("--evict-every", type=int, default=G.EVICT_EVERY,
+                   help=f"--tasks {LONG_ANSWER}: entries freed per decode-time eviction")
     p.add_argument("--recall-queries", type=int, default=16, help="decode queries whose attention defines recall")
     p.add_argument("--draft-len", type=int, default=G.DRAFT_LEN,
                    help="draft tokens per round for the verify-mode acceptance rate (the compacted cache drafts)")
@@ -539,7 +648,12 @@ def check_args(args) -> list[str]:
         raise BadInput(f"--depths must lie in [0, 1] (got {' '.join(map(str, args.depths))})")
     for flag in ("tasks", "lengths", "depths", "methods", "budgets"):
         cli.distinct(f"--{flag}", getattr(args, flag))
-    for flag in ("seeds", "limit", "agree_tokens", "recall_queries", "draft_len"):
+    if LONG_ANSWER in args.tasks and len(args.tasks) > 1:
+        raise BadInput(f"--tasks {LONG_ANSWER} runs alone: its rows are scored per cache limit, the others per budget")
+    if LONG_ANSWER in args.tasks and args.evict_every >= min(args.budgets):
+        raise BadInput(f"--evict-every must be below every --budgets (cache limits of --tasks {LONG_ANSWER}; "
+                       f"got {args.evict_every} and {min(args.budgets)})")
+    for flag in ("seeds", "limit", "agree_tokens", "recall_queries", "draft_len", "answer_tokens", "evict_every"):
         if getattr(args, flag) is not None:  # None: not given
             cli.at_least(cli.flag_name(flag), getattr(args, flag), 1)
     cli.positive("--prefill-chunk", args.prefill_chunk)
@@ -554,10 +668,12 @@ def check_args(args) -> list[str]:
 def build_tasks(args, tok, context: int) -> list[Task]:
     """The generated tasks; a length too short for a task's fact and question is refused, since the
     prompt would be longer than asked."""
-    if max(args.lengths) + args.agree_tokens > context:
-        raise BadInput(f"--lengths up to {max(args.lengths)} + --agree-tokens {args.agree_tokens} exceed the model's "
-                       f"context of {context}")
-    tasks = [TASKS[t](tok, n, d, s) for t in args.tasks for n in args.lengths for d in args.depths for s in range(args.seeds)]
+    new, flag = ((args.answer_tokens, "--answer-tokens") if args.tasks == [LONG_ANSWER]
+                 else (args.agree_tokens, "--agree-tokens"))
+    if max(args.lengths) + new > context:
+        raise BadInput(f"--lengths up to {max(args.lengths)} + {flag} {new} exceed the model's context of {context}")
+    tasks = [TASKS[t](tok, n, d, s) for t in args.tasks for n in args.lengths
+             for d in ([0.5] if t == LONG_ANSWER else args.depths) for s in range(args.seeds)]
     for t in tasks:
         n = len(tok.prompt_ids(t.context, chat=tok.chat_format is not None, answer_prefix=t.answer_prefix))
         if n > t.length:
@@ -592,15 +708,23 @@ def main(args) -> dict:
     for line in notes:
         cli.note("eval.py", line)
     cli.start_out(out, OUTPUTS)
-    rows = []
+    rows, long_answer = [], tasks[0].name == LONG_ANSWER
+    score = evaluate_long_answer if long_answer else evaluate_task
     for task in tqdm(tasks, desc="eval", unit="prompt"):
-        rows += evaluate_task(model, tok, task, args.methods, budgets, args)
+        rows += score(model, tok, task, args.methods, budgets, args)
         write_results(out, args, rows)
-    summary = summarize(rows)
-    table = markdown_table(summary, args.methods, budgets)
     caption = run_caption(args, len(tasks))
-    save_figure(out / "accuracy_vs_budget.png", plot_accuracy, summary, args.methods, budgets, caption)
-    if not args.data:
+    if long_answer:
+        summary = summarize(rows, LONG_METRICS)
+        table = long_answer_table(summary, args.methods, budgets)
+        draw = partial(plot_accuracy, metrics=("acc", "agree"),
+                       xlabel="cache limit (entries per KV head per layer while decoding)")
+        save_figure(out / "accuracy_vs_budget.png", draw, summary, args.methods, budgets, caption)
+    else:
+        summary = summarize(rows)
+        table = markdown_table(summary, args.methods, budgets)
+        save_figure(out / "accuracy_vs_budget.png", plot_accuracy, summary, args.methods, budgets, caption)
+    if not args.data and not long_answer:
         save_figure(out / "heatmap.png", plot_heatmaps, rows, args.methods, budgets[0], caption)
     if args.plot_kept:
         save_figure(out / "kept.png", plot_kept, model, tok, tasks[0], args.methods, budgets[0], args)

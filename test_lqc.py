@@ -620,7 +620,7 @@ def test_evict_config_validation():
 import eval as E
 
 
-@pytest.mark.parametrize("name", list(E.TASKS))
+@pytest.mark.parametrize("name", [t for t in E.TASKS if t != E.LONG_ANSWER])
 def test_task_generators_are_deterministic_and_hide_the_answer_at_depth(smollm2, name):
     _, tok = smollm2
     for depth in (0.0, 0.5, 1.0):
@@ -666,6 +666,34 @@ def test_eval_end_to_end_on_tiny_model(tmp_path, tiny_ckpt, monkeypatch):
     summary = E.main(args)
     for m in ("snapkv", "laqpp"):
         assert summary[(m, 4000)]["recall"] == 1.0 and summary[(m, 4000)]["agree"] == 1.0
+
+
+def test_listing_task_holds_every_code_and_scores_what_is_written(smollm2):
+    _, tok = smollm2
+    task = E.make_listing(tok, 900, 0.5, 0)
+    assert task == E.make_listing(tok, 900, 0.5, 0) and task != E.make_listing(tok, 900, 0.5, 1)
+    assert len(task.values) == 48 and all(f"Code {i + 1} is {v}." in task.context for i, v in enumerate(task.values))
+    n = len(tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix))
+    assert 0.8 * 900 < n <= 900
+    right = "\n".join(f"Code {i + 1} is {v}." for i, v in enumerate(task.values))
+    assert E.listing_score(right, task.values) == 1.0
+    half = "\n".join(f"Code {i + 1} is {v if i % 2 else '1'}." for i, v in enumerate(task.values))
+    assert E.listing_score(half, task.values) == 0.5
+
+
+def test_long_answer_eval_on_tiny_model(tmp_path, tiny_ckpt):
+    args = E.parse_args(["--ckpt", tiny_ckpt, "--tasks", "listing", "--lengths", "990", "--budgets", "64", "1024",
+                         "--answer-tokens", "24", "--evict-every", "8", "--window", "8", "--lookahead", "3",
+                         "--methods", "full", "snapkv", "laq", "h2o", "streaming", "--out", str(tmp_path / "out")])
+    summary = E.main(args)
+    assert summary[("full", "full")]["agree"] == 1.0 and summary[("full", "full")]["kl"] == 0.0
+    for m in ("snapkv", "laq", "h2o", "streaming"):
+        # a limit above prompt + answer never evicts: the full cache's answer, token for token
+        assert summary[(m, 1024)]["agree"] == 1.0 and summary[(m, 1024)]["kl"] < 1e-6
+        assert summary[(m, 64)]["kl"] > 0 and summary[(m, 64)]["evict_share"] > 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert len(rows) == 1 + 4 * 2 and all(r["new_tokens"] <= 24 for r in rows)
+    assert "cache limit" in (tmp_path / "out" / "results.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------
