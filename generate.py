@@ -361,11 +361,22 @@ def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=(), fast: FastPa
 EVICT_EVERY = 32  # slots freed per decode-time eviction: eviction work stays a few % of decode (README)
 
 
-def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify: str | None):
+def draft_tokens(cfg: lqc.EvictConfig, reuse: bool, verify: str | None, draft_len: int) -> int:
+    """The most draft tokens a decoding round feeds: --draft-len in verify mode, LAQ's pseudo tokens
+    when they are reused, none otherwise."""
+    if verify:
+        return draft_len
+    return cfg.lookahead + 1 if reuse and cfg.method in lqc.METHODS and lqc.METHODS[cfg.method].scores == "laq" else 0
+
+
+def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify: str | None, draft: int = 0):
     if cfg.method == "full":
         raise BadInput("--cache-limit needs an evicting method (full keeps every entry)")
     if not 1 <= evict_every < cache_limit:
         raise BadInput(f"need 1 <= --evict-every < --cache-limit (got {evict_every} and {cache_limit})")
+    if draft + 1 >= cache_limit:  # a round feeds the draft and the token before it: the cache must hold them
+        raise BadInput(f"--cache-limit {cache_limit} must exceed the {draft + 1} tokens a decoding round feeds "
+                       f"(LAQ's reused lookahead): raise it, or pass --no-reuse")
     if verify:
         raise BadInput("--cache-limit and --verify full do not go together: verification keeps the full cache")
 
@@ -498,10 +509,10 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
     x, pad = left_pad(prompts, device)  # [B, L], [B]
     stats = Stats(prompt_tokens=x.shape[1], cache_limit=cache_limit)
     verify = None if verify == "none" else verify
-    k = draft_len if verify else cfg.lookahead + 1 if reuse else 0  # the most draft tokens a round
+    k = draft_tokens(cfg, reuse, verify, draft_len)
     room = max_new_tokens + 2 * k + 1  # a round may feed k tokens past the end (see decode)
     if cache_limit is not None:
-        check_limit(cfg, cache_limit, evict_every, verify)
+        check_limit(cfg, cache_limit, evict_every, verify, draft=k)
         cfg = replace(cfg, budget=min(cfg.budget, cache_limit))
         room = cache_limit - cfg.budget  # capacity = the limit (the evictor makes room before each round)
     fp = None
@@ -754,7 +765,8 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
     cfg = cli.evict_config(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,
                            kernel=pool_kernel, pool=pool, notes=notes)
     if cache_limit is not None:
-        check_limit(cfg, cache_limit, evict_every, None if verify == "none" else verify)
+        verify_mode = None if verify == "none" else verify
+        check_limit(cfg, cache_limit, evict_every, verify_mode, draft=draft_tokens(cfg, reuse, verify_mode, draft_len))
     answer_prefix = cli.check_utf8(answer_prefix, "--answer-prefix")
     if sys.stdout is None:  # started with `>&-`: the answer would go nowhere
         raise cli.CannotWrite("cannot write to stdout: it is closed")

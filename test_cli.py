@@ -106,6 +106,13 @@ SURROGATE = b"quick \xff zebras".decode("utf-8", "surrogateescape")  # how Pytho
 BEFORE_MODEL = [
     # generate.py: ranges and sampling
     ("generate.py", ["--budget", "0"], "--budget must be > 0"),
+    # generate.py: speculative decoding and the cache limit
+    ("generate.py", ["--draft-len", "0"], "--draft-len must be > 0"),
+    ("generate.py", ["--method", "full", "--cache-limit", "64"], "--cache-limit needs an evicting method"),
+    ("generate.py", ["--method", "snapkv", "--cache-limit", "64", "--evict-every", "64"], "--evict-every < --cache-limit"),
+    ("generate.py", ["--method", "snapkv", "--cache-limit", "64", "--verify", "full"], "do not go together"),
+    ("generate.py", ["--method", "laq", "--budget", "8", "--window", "4", "--cache-limit", "8", "--evict-every", "2"],
+     "--cache-limit 8 must exceed the 10 tokens a decoding round feeds"),
     ("generate.py", ["--budget", "-5"], "--budget must be > 0"),
     ("generate.py", ["--window", "0"], "--window must be >= 1"),
     ("generate.py", ["--window-laqpp", "0"], "--window-laqpp must be >= 1"),
