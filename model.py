@@ -224,12 +224,7 @@ class StaticKVCache(nn.Module):
         out = cls(len(cache.k), B, H, width + extra, D, group, cache.k[0].dtype, cache.k[0].device, flex)
         for l, m in enumerate(valid):
             order = (~m).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]  # valid entries first, in order
-            w = order.shape[-1]  # layers may be narrower than the widest
-            take = order[..., None].expand(-1, -1, -1, D)
-            out.k[l][:, :, :w] = cache.k[l].gather(2, take)
-            out.v[l][:, :, :w] = cache.v[l].gather(2, take)
-            out.pos[l][:, :, :w] = torch.where(m.gather(2, order), cache.pos[l].gather(2, order), -1)
-            out.length[l].copy_(m.sum(-1))
+            out._place(l, *gather(order, cache.k[l], cache.v[l], cache.pos[l]))
         return out
 
     def compact(self, indices: list[torch.Tensor]):
@@ -237,12 +232,16 @@ class StaticKVCache(nn.Module):
         come first) move to the first K slots; the other slots become empty. The buffers keep their
         shapes and addresses, so a compiled decode step runs on without recompiling."""
         for l, idx in enumerate(indices):
-            kb, vb, pb = (self._buf(name, l) for name in ("k", "v", "pos"))
-            k, v, pos = gather(idx, kb, vb, pb)  # [B, H_kv, K, D], [B, H_kv, K]
-            K = idx.shape[-1]
-            kb[:, :, :K], vb[:, :, :K], pb[:, :, :K] = k, v, pos
-            pb[:, :, K:] = -1
-            self._buf("length", l).copy_((pos >= 0).sum(-1))
+            self._place(l, *gather(idx, self._buf("k", l), self._buf("v", l), self._buf("pos", l)))
+
+    def _place(self, layer: int, k, v, pos):
+        """Entries k, v `[B, H_kv, K, D]` at pos `[B, H_kv, K]` (valid ones first) into the first K
+        slots of each head; the slots after them become empty."""
+        K = pos.shape[-1]
+        kb, vb, pb = (self._buf(name, layer) for name in ("k", "v", "pos"))
+        kb[:, :, :K], vb[:, :, :K], pb[:, :, :K] = k, v, pos
+        pb[:, :, K:] = -1
+        self._buf("length", layer).copy_((pos >= 0).sum(-1))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Write k, v `[B, H_kv, T, D]` at positions `[B, T]` into each head's next free slots."""
