@@ -166,14 +166,18 @@ def bench_end_to_end(model, tok, n, args, device) -> list[dict]:
     """Prefill + evict + args.e2e_tokens greedy tokens (static cache, no EOS) per e2e_runs row:
     medians of --reps, and the ratio to its reference row (snapkv, or full for verify mode)."""
     ids, rows = prompt_ids(tok, n), []
+
+    def run_fn(cfg, options):
+        return lambda: timed(lambda: G.run(model, ids, cfg, max_new_tokens=args.e2e_tokens, fast=True,
+                                           prefill_chunk=args.prefill_chunk, **options), device)
     for b in args.budgets:
+        runs = {label: run_fn(lqc.EvictConfig(method=m, budget=b, window=args.window), options)
+                for label, m, options, _ in e2e_runs(args)}
+        results = interleaved(runs, args.reps)
         for label, m, options, ref in e2e_runs(args):
-            cfg, times = lqc.EvictConfig(method=m, budget=b, window=args.window), []
-            for _ in range(args.reps):
-                (_, stats), dt = timed(lambda: G.run(model, ids, cfg, max_new_tokens=args.e2e_tokens, fast=True,
-                                                     prefill_chunk=args.prefill_chunk, **options), device)
-                times.append(dt)
-            rows.append(dict(length=n, budget=b, run=label, method=m, **options, e2e_s=statistics.median(times),
+            (_, stats), _ = results[label][-1]
+            rows.append(dict(length=n, budget=b, run=label, method=m, **options,
+                             e2e_s=statistics.median(dt for _, dt in results[label]),
                              drafted=stats.drafted, accepted=stats.accepted, ref=ref))
             rows[-1]["ratio"] = rows[-1]["e2e_s"] / next(r["e2e_s"] for r in rows if r["budget"] == b and r["run"] == ref)
             print(format_e2e(rows[-1], args), file=sys.stderr)
@@ -269,11 +273,20 @@ def load_peer(ckpt: str, dtype):
     return AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype, attn_implementation="sdpa", **kw).eval()
 
 
-@torch.no_grad()
-def end_to_end(run_fn, new_tokens: int, reps: int) -> dict:
-    """Medians over reps of the (prefill s, end-to-end s) that run_fn measures, prefilling and
-    decoding exactly new_tokens tokens; decode ms/token is derived from the two."""
-    pre, tot = zip(*[run_fn() for _ in range(reps)])
+def interleaved(fns: dict, reps: int) -> dict:
+    """{name: [result per repetition]}, each repetition running every fn once in turn: a machine
+    whose speed drifts (shared cores) slows every system alike, so their ratios stay fair."""
+    out = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            out[name].append(fn())
+    return out
+
+
+def end_to_end(times: list[tuple[float, float]], new_tokens: int) -> dict:
+    """Medians of the (prefill s, end-to-end s) of runs that prefill and decode exactly new_tokens
+    tokens; decode ms/token is derived from the two."""
+    pre, tot = zip(*times)
     p, e = statistics.median(pre), statistics.median(tot)
     return dict(prefill_s=p, end_to_end_s=e, decode_ms=1000 * (e - p) / new_tokens)
 
@@ -325,8 +338,8 @@ def peer_rows(model, tok, args, device, dtype) -> list[dict]:
                 f"kvpress SnapKVPress {budget}": hf_run(hf, x, n_new, snap)}
         for name, fn in runs.items():
             fn()  # warm-up
-        for name, fn in runs.items():
-            row = dict(length=n, system=name, **end_to_end(fn, n_new, args.reps))
+        for name, times in interleaved(runs, args.reps).items():
+            row = dict(length=n, system=name, **end_to_end(times, n_new))
             rows.append(row)
             print(f"L={n} {name}: prefill {row['prefill_s']:.2f} s, decode {row['decode_ms']:.1f} ms/token, "
                   f"end to end {row['end_to_end_s']:.2f} s", file=sys.stderr)
