@@ -57,9 +57,7 @@ def peak_mb(device) -> float:
     return float("nan")
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+sync = G.sync
 
 
 def timed(fn, device):

@@ -13,7 +13,8 @@ Each check runs on the device and compares with the readable path on the CPU in 
   lqc_hf   a transformers Llama loaded with device_map="auto": lqc_hf.compress + greedy give lqc's tokens
 Without a GPU it says so in one line and exits 2.
 
-For speed on a GPU without downloading a model (decode and prefill time do not depend on the weights):
+For speed on a GPU without downloading a model (decode and prefill time do not depend on the weights;
+it writes on the GPU when there is one, else on the CPU):
 
     .venv/bin/python check_cuda.py --random-ckpt /tmp/r1b     # Llama-3.2-1B's shapes, random bf16 weights
     .venv/bin/python bench.py --ckpt /tmp/r1b --device cuda --dtype bfloat16 --lengths 8192 32768 --budgets 1024
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -142,24 +143,29 @@ def quiet():
         pass
 
 
-# Llama-3.2-1B's shapes (its config.json), without its RoPE scaling: the same work per token
-LLAMA_1B = M.ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192, vocab_size=128256,
-                       norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True)
+LLAMA_1B = replace(M.ModelArgs.from_name("llama-3.2-1b"), rope_scaling=None)  # its RoPE scaling does not change the work
 
 
 @torch.no_grad()
 def write_random_ckpt(path: Path, device: str) -> int:
     """A Llama of LLAMA_1B's shapes with random bf16 weights and a tiny tokenizer, as an HF directory that
     lqc and transformers both load: for speed runs only (its text is noise)."""
-    if path.exists() and any(path.iterdir()):
-        print(f"check_cuda.py: --random-ckpt {path} exists and is not empty; give a new folder", file=sys.stderr)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        print(f"check_cuda.py: --random-ckpt {path} exists and is not an empty folder; give a new one", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     with torch.device(device):
         model = M.Transformer(LLAMA_1B).to(torch.bfloat16)
         for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.ndim > 1 else p.fill_(1.0)
-    save_hf_dir(model, path)
+            if p.ndim > 1:
+                p.normal_(0.0, 0.02)
+            else:  # norm weights
+                p.fill_(1.0)
+    try:
+        save_hf_dir(model, path)
+    except OSError as e:
+        print(f"check_cuda.py: cannot write --random-ckpt {path}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, random", flush=True)
     return 0
 

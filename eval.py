@@ -17,10 +17,12 @@ that cache and is scored on:
              continuation
   evict%     eviction time as a share of prefill time
 Long answers (--tasks listing, alone): 48 codes in the middle of the prompt, asked back in full
-(about 600 tokens of answer); each --budgets value is a cache limit (generate.py --cache-limit):
+(about 630 tokens of answer with SmolLM2's tokenizer, --answer-tokens 704 by default); each --budgets value is a cache limit (generate.py --cache-limit):
 the prompt is evicted to it, then the cache stays within it while --answer-tokens are written.
-Scored per method and limit: acc = share of the codes written right, agree and kl over the whole
-answer (teacher-forced under the limit), evict% = decode-time eviction's share of decoding.
+Scored per method and limit: acc = share of the codes written right, agree (common prefix with the
+full cache's answer) and kl (teacher-forced on it, under the limit) over the whole answer, evict% =
+decode-time eviction's share of decoding. The first answer token comes from the full-cache prefill
+as in generate.py (--first-token does not apply).
 First-token mode (--first-token): "redecode" (default) hides the last prompt entry after eviction
 and re-runs the last prompt token against the compacted cache, so every answer token depends on
 the eviction; "prefill" starts from the full-cache prefill logits, as generate.py does.
@@ -356,54 +358,61 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
             ans = torch.tensor(answer_ids, device=dev)
             cont_tf = continuation_logits(model, cache, pre.obs.logits, last, full_cont or [tok.eos_ids[0]], L, args.first_token)
             matches = (cont_tf.argmax(-1).cpu() == torch.tensor(full_cont or [tok.eos_ids[0]])).tolist()
-            ref_seq = full_cont + [-1]  # the full cache's EOS (or cut) counts as a token to agree on
-            common = next((i for i, (a, b) in enumerate(zip(out + [-1], ref_seq)) if a != b), len(ref_seq))
             acc = max(f1_score(text, a) for a in task.answers) if task.answers else float(task.answer.strip() in text)
             rows.append(dict(task=task.name, length=task.length, prompt_tokens=L, depth=task.depth, method=method,
                              budget=budget if method != "full" else L, acc=acc,
                              tf_logp=tf.gather(1, ans[:, None]).sum().item(),
                              tf_top1=(tf.argmax(-1) == ans).float().mean().item(),
-                             recall=attention_recall(ref, indices), agree=common / len(ref_seq),
+                             recall=attention_recall(ref, indices), agree=prefix_agreement(out, full_cont),
                              kl=kl_mean(full_tf, cont_tf), accept=draft_acceptance(matches, args.draft_len),
                              evict_share=evict_s / prefill_s,
                              prefill_s=prefill_s, evict_s=evict_s, output=text[:200], first_token=args.first_token))
     return rows
 
 
-def limited_decoder(model, cfg: lqc.EvictConfig, pre, limit: int, every: int, eos_ids):
-    """The prompt evicted to the limit and an `Evictor` that keeps the readable cache within it
-    while decoding, as `generate.py --cache-limit` does: (cache, evictor)."""
-    cache, indices = G.evict(cfg, model, pre, eos_ids=eos_ids)
-    cache = cache.clone() if indices is None else cache  # nothing evicted: the prefill's own cache, kept for the next method
-    return cache, G.Evictor(cfg, cache, limit=limit, every=every, step=G.model_step(model), obs=pre.obs,
-                            prompt_pos=pre.cache.pos)
+def limited(model, cfg: lqc.EvictConfig, pre, cache, *, limit: int, every: int):
+    """An `Evictor` that keeps `cache` (the prompt's, evicted to the limit) within the limit while
+    decoding, as `generate.py --cache-limit` does."""
+    return G.Evictor(cfg, cache, limit=limit, every=every, step=G.model_step(model), obs=pre.obs, prompt_pos=pre.cache.pos)
 
 
-def forced_limited_logits(cache, evictor, first_logits, tokens: list[int], L: int) -> torch.Tensor:
-    """Next-token logits `[n, V]` predicting tokens, teacher-forced one token a step with the cache
-    kept within the limit (each step's entry may evict, as in free decoding)."""
+def forced_limited_logits(cache, evictor, *, first_logits, tokens: list[int], next_pos: int) -> torch.Tensor:
+    """Next-token logits `[n, V]` predicting tokens (n of them), teacher-forced one token a step
+    with the cache kept within the limit (each step's entry may evict, as in free decoding);
+    first_logits `[1, V]` predict tokens[0], the rest start at position next_pos."""
     dev, out = first_logits.device, [first_logits[0]]
     for i, t in enumerate(tokens[:-1]):
         evictor(cache, 1)
-        out.append(evictor.step(torch.tensor([[t]], device=dev), torch.tensor([[L + i]], device=dev), cache)[0])
+        out.append(evictor.step(torch.tensor([[t]], device=dev), torch.tensor([[next_pos + i]], device=dev), cache)[0])
     return torch.stack(out)
+
+
+def prefix_agreement(out: list[int], ref: list[int]) -> float:
+    """Common prefix of out and the full cache's tokens ref, over len(ref) + 1: the full cache's EOS
+    (or cut) counts as a token to agree on, so an empty ref agrees with an empty out."""
+    ref_seq = ref + [-1]
+    return next((i for i, (a, b) in enumerate(zip(out + [-1], ref_seq)) if a != b), len(ref_seq)) / len(ref_seq)
 
 
 @torch.no_grad()
 def evaluate_long_answer(model, tok, task: Task, methods, limits, args) -> list[dict]:
     """A long answer under a cache limit: per method and limit, the codes written right (acc), the
-    greedy tokens equal to the full cache's (agree, over --answer-tokens), the mean KL to the full
-    cache teacher-forced on its answer, and decode-time eviction's share of decoding."""
+    common prefix of the greedy answer with the full cache's (agree, over --answer-tokens), the mean
+    KL to the full cache teacher-forced on its answer, and decode-time eviction's share of decoding.
+    The first answer token comes from the full-cache prefill, as in generate.py (--first-token
+    does not apply)."""
     ids = tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix)
     L, dev = len(ids), model.tok_embeddings.weight.device
-    pre = G.prefill(model, torch.tensor([ids], device=dev), chunk=args.prefill_chunk,
-                    keep_queries=max(args.window, args.window_laqpp), h2o="h2o" in methods)
+    x = torch.tensor([ids], device=dev)
+    pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp))
+    if "h2o" in methods:  # H2O needs the mass of every prompt query: a second, instrumented prefill
+        pre = G.Prefill(pre.cache, replace(pre.obs, mass=G.prefill(model, x, chunk=args.prefill_chunk, h2o=True).obs.mass))
     n, eos = args.answer_tokens, tok.eos_ids
     t0 = time.perf_counter()
     full_out = G.decode(model, pre.cache.clone(), pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos)[0]
     full_s = time.perf_counter() - t0
-    ref = full_out or [eos[0]]
-    full_tf = continuation_logits(model, pre.cache, pre.obs.logits, ids[-1], ref, L, "prefill")
+    forced = full_out or [eos[0]]  # teacher-forced: at least one token to predict
+    full_tf = continuation_logits(model, pre.cache, pre.obs.logits, ids[-1], forced, L, "prefill")  # [n, V]
     rows = []
     for method in methods:
         for limit in ([limits[-1]] if method == "full" else limits):
@@ -411,18 +420,21 @@ def evaluate_long_answer(model, tok, task: Task, methods, limits, args) -> list[
                 out, tf, evict_share = full_out, full_tf, 0.0
             else:
                 cfg = evict_config(args, method, limit)
-                cache, evictor = limited_decoder(model, cfg, pre, limit, args.evict_every, eos)
+                prompt_cache, indices = G.evict(cfg, model, pre, eos_ids=eos)
+                # two runs from the same evicted prompt (nothing evicted: the prefill's own cache, kept for the next method)
+                cache = prompt_cache.clone()
+                evictor = limited(model, cfg, pre, cache, limit=limit, every=args.evict_every)
                 t0 = time.perf_counter()
                 out = G.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos,
                                step=evictor.step, evictor=evictor)[0]
                 evict_share = evictor.seconds / (time.perf_counter() - t0)
-                cache, evictor = limited_decoder(model, cfg, pre, limit, args.evict_every, eos)
-                tf = forced_limited_logits(cache, evictor, pre.obs.logits, ref, L)
+                cache = prompt_cache if indices is not None else prompt_cache.clone()
+                evictor = limited(model, cfg, pre, cache, limit=limit, every=args.evict_every)
+                tf = forced_limited_logits(cache, evictor, first_logits=pre.obs.logits, tokens=forced, next_pos=L)
             text = task.answer_prefix + tok.decode(out)
-            common = next((i for i, (a, b) in enumerate(zip(out + [-1], ref + [-1])) if a != b), len(ref) + 1)
             rows.append(dict(task=task.name, length=task.length, prompt_tokens=L, method=method,
                              budget=limit if method != "full" else L, acc=listing_score(text, task.values),
-                             agree=common / (len(ref) + 1), kl=kl_mean(full_tf, tf), evict_share=evict_share,
+                             agree=prefix_agreement(out, full_out), kl=kl_mean(full_tf, tf), evict_share=evict_share,
                              new_tokens=len(out), full_decode_s=full_s, output=text[:400]))
     return rows
 
@@ -511,7 +523,8 @@ def plot_accuracy(summary, methods, budgets, caption: str, path: Path, metrics=(
                       .get(metric, metric))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, ncol=2)
-    fig.suptitle(f"{' and '.join(metrics)} vs {xlabel.split(' (')[0]} ({caption})", fontsize=10)
+    names = [{"acc": "accuracy", "recall": "attention recall", "agree": "agreement"}.get(m, m) for m in metrics]
+    fig.suptitle(f"{' and '.join(names).capitalize()} vs {xlabel.split(' (')[0]} ({caption})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -609,7 +622,7 @@ def parse_args(argv=None):
     p.add_argument("--first-token", default="redecode", choices=["redecode", "prefill"],
                    help="redecode: the last prompt token is re-run on the evicted cache (see the top of eval.py)")
     p.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared with the full cache's")
-    p.add_argument("--answer-tokens", type=int, default=512,
+    p.add_argument("--answer-tokens", type=int, default=704,
                    help=f"--tasks {LONG_ANSWER}: tokens of the long answer (its --budgets are cache limits)")
     p.add_argument("--evict-every", type=int, default=G.EVICT_EVERY,
                    help=f"--tasks {LONG_ANSWER}: entries freed per decode-time eviction")

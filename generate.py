@@ -374,11 +374,11 @@ def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify
         raise BadInput("--cache-limit needs an evicting method (full keeps every entry)")
     if not 1 <= evict_every < cache_limit:
         raise BadInput(f"need 1 <= --evict-every < --cache-limit (got {evict_every} and {cache_limit})")
-    if draft + 1 >= cache_limit:  # a round feeds the draft and the token before it: the cache must hold them
-        raise BadInput(f"--cache-limit {cache_limit} must exceed the {draft + 1} tokens a decoding round feeds "
-                       f"(LAQ's reused lookahead): raise it, or pass --no-reuse")
     if verify:
         raise BadInput("--cache-limit and --verify full do not go together: verification keeps the full cache")
+    if draft >= cache_limit:  # the first round feeds LAQ's reused pseudo tokens at once: the cache must hold them
+        raise BadInput(f"--cache-limit {cache_limit} must exceed the {draft} pseudo tokens that reusing LAQ's lookahead "
+                       f"feeds in one round: raise it, or pass --no-reuse")
 
 
 class Evictor:
