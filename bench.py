@@ -435,15 +435,25 @@ def check_peers(args):
         raise BadInput(f"--peers needs {' and '.join(missing)}: pip install -r requirements-hf.txt")
 
 
+def new_tokens(args) -> tuple[int, str]:
+    """The most tokens a run decodes after its prompt, and the flags that set that number."""
+    if args.peers:
+        return args.peer_tokens, "--peer-tokens"
+    if args.cache_limit is not None:
+        return args.decode_tokens, "--decode-tokens"
+    return max(args.steps + args.warmup, args.e2e_tokens), "--steps + --warmup or --e2e-tokens"
+
+
 def check_lengths(args, tok, context: int, notes: list):
     """After loading the tokenizer: every prompt can be built at its length and decoded within the context."""
     shortest = len(tok.encode(QUESTION)) + 1
     if min(args.lengths) < shortest:
         raise BadInput(f"--lengths must be >= {shortest}, the question and one token of filler (got {min(args.lengths)})")
-    longest = max(*args.lengths, SHORT) + args.steps + args.warmup
+    new, flags = new_tokens(args)
+    longest = max(*args.lengths, SHORT) + new
     if longest > context:
-        raise BadInput(f"--lengths up to {max(args.lengths, default=0)} + --steps + --warmup ({longest} tokens, with the "
-                       f"{SHORT}-token reference) exceed the model's context of {context}")
+        raise BadInput(f"--lengths up to {max(args.lengths, default=0)} + {flags} ({longest} tokens) exceed the "
+                       f"model's context of {context}")
     cli.budgets_note(args.budgets, args.lengths, notes)
 
 

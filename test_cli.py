@@ -219,6 +219,9 @@ AFTER_TOKENIZER = [  # need the prompt's tokens or the model's context: checked 
     ("eval.py", ["--data", "<files>/ok.jsonl", "--agree-tokens", "600"], "--agree-tokens 600 leaves too little"),
     ("bench.py", ["--lengths", "3"], "--lengths must be >= "),
     ("bench.py", ["--lengths", "1010"], "exceed the model's context of 1024"),
+    ("bench.py", ["--lengths", "1000", "--e2e-tokens", "100"], "--steps + --warmup or --e2e-tokens (1100 tokens)"),
+    ("bench.py", ["--lengths", "1000", "--cache-limit", "64", "--decode-tokens", "100"], "--decode-tokens (1100 tokens)"),
+    ("eval.py", ["--tasks", "listing", "--lengths", "900", "--answer-tokens", "200"], "--answer-tokens 200 exceed"),
 ]
 
 
