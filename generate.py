@@ -366,7 +366,7 @@ def draft_tokens(cfg: lqc.EvictConfig, reuse: bool, verify: str | None, draft_le
     when they are reused, none otherwise."""
     if verify:
         return draft_len
-    return cfg.lookahead + 1 if reuse and cfg.method in lqc.METHODS and lqc.METHODS[cfg.method].scores == "laq" else 0
+    return cfg.lookahead + 1 if reuse and cfg.looks_ahead else 0
 
 
 def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify: str | None, draft: int = 0):
@@ -749,7 +749,7 @@ def check_context(prompt_tokens: int, max_new_tokens: int, cfg: lqc.EvictConfig,
         raise BadInput(f"prompt ({prompt_tokens} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
                        f"context of {limit}: shorten the prompt or lower --max-new-tokens")
     # the pseudo tokens take the positions the answer will take, after the prompt
-    if cfg.method in ("laq", "laqpp") and prompt_tokens > cfg.budget and prompt_tokens + cfg.lookahead > limit:
+    if cfg.looks_ahead and prompt_tokens > cfg.budget and prompt_tokens + cfg.lookahead > limit:
         raise BadInput(f"prompt ({prompt_tokens} tokens) + --lookahead ({cfg.lookahead}) exceeds the model's context "
                        f"of {limit}: lower --lookahead")
 

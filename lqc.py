@@ -325,6 +325,12 @@ class EvictConfig:
             raise ValueError(f"pool kernel must be odd, so pooling keeps the length (got {self.kernel})")
 
     @property
+    def looks_ahead(self) -> bool:
+        """LAQ and LAQ++: the method decodes pseudo tokens before it evicts."""
+        m = METHODS.get(self.method)
+        return m is not None and m.scores == "laq"
+
+    @property
     def obs_window(self) -> int:
         """How many trailing prompt queries the policy needs from prefill."""
         m = METHODS.get(self.method)
