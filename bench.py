@@ -281,26 +281,48 @@ def interleaved(fns: dict, reps: int) -> dict:
     return out
 
 
-def end_to_end(times: list[tuple[float, float]], new_tokens: int) -> dict:
-    """Medians of the (prefill s, end-to-end s) of runs that prefill and decode exactly new_tokens
-    tokens; decode ms/token is derived from the two."""
-    pre, tot = zip(*times)
-    p, e = statistics.median(pre), statistics.median(tot)
-    return dict(prefill_s=p, end_to_end_s=e, decode_ms=1000 * (e - p) / new_tokens)
+def end_to_end(times: list[tuple[float, float, float]]) -> dict:
+    """Medians of the (prefill s, end-to-end s, decode ms/token) of runs that prefill and decode
+    the same number of tokens."""
+    pre, tot, dec = zip(*times)
+    return dict(prefill_s=statistics.median(pre), end_to_end_s=statistics.median(tot), decode_ms=statistics.median(dec))
+
+
+def per_token_ms(stamps: list[tuple[float, int]]) -> float:
+    """Decode ms/token from (time, tokens so far) at each arrival of new tokens: the tokens after
+    the first (which comes from the prefill's logits) over the time they took."""
+    (t0, n0), (t1, n1) = stamps[0], stamps[-1]
+    return 1000 * (t1 - t0) / (n1 - n0)
 
 
 def lqc_run(model, ids: list[int], cfg: lqc.EvictConfig, n_new: int):
     """A run_fn for end_to_end: lqc's run from the prompt ids, exactly n_new tokens (no EOS)."""
     def fn():
+        stamps = []
         t = time.perf_counter()
-        _, stats = G.run(model, ids, cfg, max_new_tokens=n_new, eos_ids=())
-        return stats.prefill_s + stats.evict_s, time.perf_counter() - t
+        _, stats = G.run(model, ids, cfg, max_new_tokens=n_new, eos_ids=(),
+                         on_token=lambda out: stamps.append((time.perf_counter(), len(out))))
+        return stats.prefill_s + stats.evict_s, time.perf_counter() - t, per_token_ms(stamps)
     return fn
+
+
+class TokenClock:
+    """A transformers streamer that only notes when each new token arrives (`generate` hands it
+    the prompt first, then every token)."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def put(self, value):
+        self.stamps.append((time.perf_counter(), len(self.stamps)))  # one token a call after the prompt
+
+    def end(self):
+        pass
 
 
 def hf_run(hf, x: torch.Tensor, n_new: int, press=None):
     """A run_fn for end_to_end: a transformers model's prefill (with the press's compression) alone,
-    then a whole greedy generate of exactly n_new tokens."""
+    then a whole greedy generate of exactly n_new tokens, timing each new token."""
     def timed_call(fn):
         sync(x.device)
         t = time.perf_counter()
@@ -310,9 +332,11 @@ def hf_run(hf, x: torch.Tensor, n_new: int, press=None):
         return time.perf_counter() - t
 
     def fn():
-        return (timed_call(lambda: hf(x, logits_to_keep=1)),
-                timed_call(lambda: hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                               pad_token_id=0)))
+        clock = TokenClock()
+        prefill = timed_call(lambda: hf(x, logits_to_keep=1))
+        total = timed_call(lambda: hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                               pad_token_id=0, streamer=clock))
+        return prefill, total, per_token_ms(clock.stamps[1:])  # stamps[0]: the prompt
     return fn
 
 
@@ -337,7 +361,7 @@ def peer_rows(model, tok, args, device, dtype) -> list[dict]:
         for name, fn in runs.items():
             fn()  # warm-up
         for name, times in interleaved(runs, args.reps).items():
-            row = dict(length=n, system=name, **end_to_end(times, n_new))
+            row = dict(length=n, system=name, **end_to_end(times))
             rows.append(row)
             print(f"L={n} {name}: prefill {row['prefill_s']:.2f} s, decode {row['decode_ms']:.1f} ms/token, "
                   f"end to end {row['end_to_end_s']:.2f} s", file=sys.stderr)
