@@ -713,6 +713,20 @@ def test_forced_logits_under_a_limit_replay_free_decoding(tiny_ckpt, method):
     assert tf.argmax(-1).tolist() == out and forced.evictions == ev.evictions
 
 
+def test_bench_peers_on_tiny_model(tmp_path, tiny_ckpt):
+    """bench.py --peers end to end: lqc, transformers and kvpress on the same tiny checkpoint, with
+    decode ms/token timed per token (a transformers streamer, lqc's on_token)."""
+    pytest.importorskip("kvpress")
+    import bench as B
+    args = B.parse_args(["--ckpt", tiny_ckpt, "--peers", "--lengths", "96", "--peer-budget", "32", "--window", "8",
+                         "--reps", "1", "--peer-tokens", "5", "--out", str(tmp_path / "b")])
+    rows = B.main(args)
+    assert [r["system"] for r in rows] == ["lqc full", "transformers full", "lqc snapkv 32", "kvpress SnapKVPress 32"]
+    for r in rows:
+        assert 0 < r["prefill_s"] < r["end_to_end_s"] and 0 < r["decode_ms"] < 1000 * r["end_to_end_s"]
+    assert "kvpress SnapKVPress 32" in (tmp_path / "b" / "peers.md").read_text()
+
+
 def test_prefix_agreement_counts_the_end_of_the_answer():
     assert E.prefix_agreement([], []) == 1.0  # both stopped at once
     assert E.prefix_agreement([5], []) == 0.0
