@@ -168,11 +168,12 @@ def bench_end_to_end(model, tok, n, args, device) -> list[dict]:
     def run_fn(cfg, options):
         return lambda: timed(lambda: G.run(model, ids, cfg, max_new_tokens=args.e2e_tokens, fast=True,
                                            prefill_chunk=args.prefill_chunk, **options), device)
+    plan = e2e_runs(args)
     for b in args.budgets:
         runs = {label: run_fn(lqc.EvictConfig(method=m, budget=b, window=args.window), options)
-                for label, m, options, _ in e2e_runs(args)}
+                for label, m, options, _ in plan}
         results = interleaved(runs, args.reps)
-        for label, m, options, ref in e2e_runs(args):
+        for label, m, options, ref in plan:
             (_, stats), _ = results[label][-1]
             rows.append(dict(length=n, budget=b, run=label, method=m, **options,
                              e2e_s=statistics.median(dt for _, dt in results[label]),

@@ -101,6 +101,12 @@ class Task:
     values: tuple = ()  # listing: the codes to write back, in order
 
 
+def task_prompt_ids(tok, task: Task, then: str = "") -> list[int]:
+    """The task's prompt as the model sees it: chat format when the tokenizer has one, the answer
+    prefix (plus `then`) opening the reply."""
+    return tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix + then)
+
+
 def _overhead(tok, prefix: str) -> int:
     """Tokens the chat template and the answer prefix add around the user message (+ slack for
     merges at the seams)."""
@@ -323,11 +329,19 @@ def kl_mean(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()
 
 
+def with_h2o_mass(model, x, pre, methods, chunk) -> G.Prefill:
+    """pre, with the attention mass of every prompt query when H2O is among the methods: it comes
+    from a second, instrumented prefill (the first one stays as fast as generate.py's)."""
+    if "h2o" not in methods:
+        return pre
+    return G.Prefill(pre.cache, replace(pre.obs, mass=G.prefill(model, x, chunk=chunk, h2o=True).obs.mass))
+
+
 @torch.no_grad()
 def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
     """Prefill once, then score every method and budget against the full cache."""
-    ids = tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix)
-    with_answer = tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix + task.answer)
+    ids = task_prompt_ids(tok, task)
+    with_answer = task_prompt_ids(tok, task, task.answer)
     answer_ids = with_answer[len(ids):] if with_answer[:len(ids)] == ids else tok.encode(task.answer)
     room = model.args.max_seq_len - args.agree_tokens - len(answer_ids)
     if len(ids) > room:  # as LongBench does: cut the middle, keep both ends (and the chat format)
@@ -337,9 +351,7 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
     t0 = time.perf_counter()
     pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp))
     prefill_s = time.perf_counter() - t0
-    mass = None
-    if "h2o" in methods:  # H2O needs the mass of every prompt query: a second, instrumented prefill
-        mass = G.prefill(model, x, chunk=args.prefill_chunk, h2o=True).obs.mass
+    pre = with_h2o_mass(model, x, pre, methods, args.prefill_chunk)
     last = ids[-1]
     full_cont = greedy(model, pre.cache, pre.obs.logits, last, L, args.first_token, args.agree_tokens, tok.eos_ids)
     full_tf = continuation_logits(model, pre.cache, pre.obs.logits, last, full_cont or [tok.eos_ids[0]], L, args.first_token)
@@ -349,8 +361,7 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
         for budget in ([budgets[-1]] if method == "full" else budgets):
             cfg = evict_config(args, method, budget)
             t1 = time.perf_counter()
-            state = G.Prefill(pre.cache, replace(pre.obs, mass=mass))
-            cache, indices = G.evict(cfg, model, state, eos_ids=tok.eos_ids)
+            cache, indices = G.evict(cfg, model, pre, eos_ids=tok.eos_ids)
             evict_s = time.perf_counter() - t1
             out = greedy(model, cache, pre.obs.logits, last, L, args.first_token, args.agree_tokens, tok.eos_ids)
             text = tok.decode(out)
@@ -401,12 +412,11 @@ def evaluate_long_answer(model, tok, task: Task, methods, limits, args) -> list[
     KL to the full cache teacher-forced on its answer, and decode-time eviction's share of decoding.
     The first answer token comes from the full-cache prefill, as in generate.py (--first-token
     does not apply)."""
-    ids = tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix)
+    ids = task_prompt_ids(tok, task)
     L, dev = len(ids), model.tok_embeddings.weight.device
     x = torch.tensor([ids], device=dev)
     pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp))
-    if "h2o" in methods:  # H2O needs the mass of every prompt query: a second, instrumented prefill
-        pre = G.Prefill(pre.cache, replace(pre.obs, mass=G.prefill(model, x, chunk=args.prefill_chunk, h2o=True).obs.mass))
+    pre = with_h2o_mass(model, x, pre, methods, args.prefill_chunk)
     n, eos = args.answer_tokens, tok.eos_ids
     t0 = time.perf_counter()
     full_out = G.decode(model, pre.cache.clone(), pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos)[0]
@@ -503,6 +513,9 @@ def run_caption(args, n_prompts: int) -> str:
     return f"{args.ckpt}, {what}: n = {n_prompts} prompts"
 
 
+LABELS = {"acc": "accuracy", "recall": "attention recall", "agree": "agreement with the full cache"}
+
+
 def plot_accuracy(summary, methods, budgets, caption: str, path: Path, metrics=("acc", "recall"),
                   xlabel="budget (kept entries per KV head per layer)"):
     plt = pyplot()
@@ -519,11 +532,10 @@ def plot_accuracy(summary, methods, budgets, caption: str, path: Path, metrics=(
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_xlabel(xlabel)
-        ax.set_ylabel({"acc": "accuracy", "recall": "attention recall", "agree": "agreement with the full cache"}
-                      .get(metric, metric))
+        ax.set_ylabel(LABELS.get(metric, metric))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, ncol=2)
-    names = [{"acc": "accuracy", "recall": "attention recall", "agree": "agreement"}.get(m, m) for m in metrics]
+    names = [LABELS.get(m, m) for m in metrics]
     fig.suptitle(f"{' and '.join(names).capitalize()} vs {xlabel.split(' (')[0]} ({caption})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -572,7 +584,7 @@ def label_layers(ax, n_layers: int, n_heads: int):
 def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
     """Which prompt positions each layer and KV head kept, per method, for one example."""
     plt = pyplot()
-    ids = tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix)
+    ids = task_prompt_ids(tok, task)
     L, dev = len(ids), model.tok_embeddings.weight.device
     x = torch.tensor([ids], device=dev)
     methods = [m for m in methods if m != "full"]
@@ -688,7 +700,7 @@ def build_tasks(args, tok, context: int) -> list[Task]:
     tasks = [TASKS[t](tok, n, d, s) for t in args.tasks for n in args.lengths
              for d in ([0.5] if t == LONG_ANSWER else args.depths) for s in range(args.seeds)]
     for t in tasks:
-        n = len(tok.prompt_ids(t.context, chat=tok.chat_format is not None, answer_prefix=t.answer_prefix))
+        n = len(task_prompt_ids(tok, t))
         if n > t.length:
             raise BadInput(f"--lengths {t.length} is too short for {t.name}: its prompt takes {n} tokens")
     return tasks

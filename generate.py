@@ -407,7 +407,7 @@ class Evictor:
     def step(self, tokens, pos, cache):
         logits, q = self.inner(tokens, pos, cache)
         if self.kind != "streaming":
-            self.queries.append(([x.clone() for x in q], pos))  # clone: a CUDA graph's next replay overwrites them
+            self.queries.append((q, pos))  # fresh tensors: make_step copies them out of a CUDA graph
         return logits
 
     def __call__(self, cache, n: int = 1):
