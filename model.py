@@ -323,15 +323,20 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, pos, cache):
+    def forward(self, x, cos, sin, pos, cache, keep: int | None = None):
+        """Every token's K and V go into the cache; queries, attention and the output only for the
+        last `keep` tokens (all by default): `[B, T', dim]` and the queries `[B, H_q, T', D]`."""
         B, T, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = apply_rope(self.q_norm(self.wq(x).view(B, T, Hq, D)).transpose(1, 2), cos, sin)  # [B, H_q, T, D]
         k = apply_rope(self.k_norm(self.wk(x).view(B, T, Hkv, D)).transpose(1, 2), cos, sin)  # [B, H_kv, T, D]
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, H_kv, T, D]
         k_all, v_all, _ = cache.update(self.layer, k, v, pos)  # [B, H_kv, S, D]
-        y = cache.attend(self.layer, q, k_all, v_all, pos)  # [B, H_q, T, D]
-        return self.wo(y.transpose(1, 2).reshape(B, T, Hq * D)), q
+        if keep is not None:
+            x, cos, sin, pos = x[:, -keep:], cos[:, :, -keep:], sin[:, :, -keep:], pos[:, -keep:]
+        Tq = x.shape[1]
+        q = apply_rope(self.q_norm(self.wq(x).view(B, Tq, Hq, D)).transpose(1, 2), cos, sin)  # [B, H_q, T', D]
+        y = cache.attend(self.layer, q, k_all, v_all, pos)  # [B, H_q, T', D]
+        return self.wo(y.transpose(1, 2).reshape(B, Tq, Hq * D)), q
 
 
 def grouped_attention(q, k, v, q_pos, k_pos):
@@ -393,9 +398,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, pos, cache):
-        a, q = self.attention(self.attention_norm(x), cos, sin, pos, cache)
-        x = x + a
+    def forward(self, x, cos, sin, pos, cache, keep: int | None = None):
+        a, q = self.attention(self.attention_norm(x), cos, sin, pos, cache, keep)
+        x = (x if keep is None else x[:, -keep:]) + a
         return x + self.feed_forward(self.ffn_norm(x)), q
 
 
@@ -429,8 +434,12 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         queries = []
-        for block in self.layers:
-            x, q = block(x, cos, sin, pos, cache)
+        # the last layer's outputs feed only the logits and queries asked for: its other tokens
+        # need their K and V (the cache), not attention and MLP (a prefill skips 1/n_layers of it)
+        bounded = last_logits is not None and (not return_queries or last_queries is not None)
+        keep_last = max(last_logits, last_queries or 0) if bounded else None
+        for i, block in enumerate(self.layers):
+            x, q = block(x, cos, sin, pos, cache, keep_last if i == len(self.layers) - 1 else None)
             if return_queries:
                 queries.append(q if last_queries is None else q[:, :, -last_queries:])
         x = self.norm(x if last_logits is None else x[:, -last_logits:])

@@ -845,6 +845,39 @@ def test_one_pass_causal_prefill_equals_the_chunked_masked_one(method):
     assert kept[0] == [[set(i[0, h].tolist()) for h in range(i.shape[1])] for i in kept_fast]
 
 
+@pytest.mark.parametrize("keep_queries, chunk, padded", [(0, None, False), (6, None, False), (6, 7, False), (6, 7, True)])
+def test_prefill_skipping_the_last_layers_other_tokens_equals_the_full_forward(keep_queries, chunk, padded):
+    """A prefill runs the last layer's attention and MLP only for the tokens whose logits and
+    queries it keeps; the last logits, every layer's cache and the kept queries equal those of a
+    forward that computes every token's outputs."""
+    model = tiny(4, 2, n_layers=3)
+    if padded:
+        ids, pad = G.left_pad([rand_ids(model, 40)[0].tolist(), rand_ids(model, 29, 1)[0].tolist()], "cpu")
+    else:
+        ids, pad = rand_ids(model, 40), None
+    pre = G.prefill(model, ids, chunk=chunk, keep_queries=keep_queries, pad=pad)
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    pos = pos if pad is None else (pos - pad[:, None]).clamp(min=-1)
+    ref_cache = model.new_cache()
+    with torch.no_grad():
+        logits, queries = model(ids, pos, ref_cache, return_queries=True)
+    torch.testing.assert_close(pre.obs.logits, logits[:, -1], atol=1e-5, rtol=1e-5)
+    for a, b in [(pre.cache.k, ref_cache.k), (pre.cache.v, ref_cache.v)]:
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(pre.cache.pos, ref_cache.pos))
+    if keep_queries:
+        for x, y in zip(pre.obs.obs_q, queries):
+            torch.testing.assert_close(x, y[:, :, -keep_queries:], atol=1e-5, rtol=1e-5)
+    # and the last layer really skipped them: its MLP sees only the kept tokens, the others all
+    seen = []
+    for block in model.layers:
+        block.feed_forward.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    with torch.no_grad():
+        model(ids, pos, model.new_cache(), return_queries=True, last_logits=1, last_queries=3)
+    assert seen == [ids.shape[1]] * (len(model.layers) - 1) + [3]
+
+
 def test_readme_paste_example(tmp_path):
     """The README's "paste lqc.py" block runs with only lqc.py beside it."""
     import re
