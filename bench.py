@@ -238,7 +238,7 @@ def limit_rows(model, tok, args, device) -> list[dict]:
         row = dict(length=n, method=method, limit=limit, new_tokens=n_new, evict_every=args.evict_every,
                    first_tok_s=k / (stamps[k] - stamps[0]), last_tok_s=k / (stamps[-1] - stamps[-1 - k]),
                    decode_tok_s=stats.new_tokens / stats.decode_s, kv_MB=kv_bytes(cache) / 2**20,
-                   kv_alloc_MB=2 * sum(b.numel() * b.element_size() for b in cache.k) / 2**20, peak_MB=peak_mb(device),
+                   kv_alloc_MB=sum(b.untyped_storage().nbytes() for b in cache.k + cache.v) / 2**20, peak_MB=peak_mb(device),
                    evict_share=stats.limit_evict_s / stats.decode_s, evictions=stats.limit_evictions,
                    evict_ms=1000 * stats.limit_evict_s / max(stats.limit_evictions, 1),
                    step_ms=1000 * stats.decode_s / stats.new_tokens)

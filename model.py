@@ -122,23 +122,49 @@ class KVCache:
     `[B, H_kv, T]`; position -1 marks an empty slot (a KV head that keeps fewer entries than others).
 
     Kept per KV head, never repeated per query head. Eviction builds a smaller cache with `gather`.
+    `k[l]`, `v[l]`, `pos[l]` are prefix views of buffers with room to grow, so a decode step
+    writes its token in place instead of copying the whole cache (as `torch.cat` would).
     """
 
     def __init__(self, n_layers: int):
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
         self.pos: list[torch.Tensor | None] = [None] * n_layers
+        self.room: list[tuple | None] = [None] * n_layers  # per layer the (k, v, pos) buffers
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Append k, v `[B, H_kv, T, D]` at positions `[B, T]`; return the layer's whole cache."""
-        pos = pos[:, None, :].expand(-1, k.shape[1], -1)  # [B, H_kv, T]
-        if self.k[layer] is None:
-            self.k[layer], self.v[layer], self.pos[layer] = k, v, pos
-        else:
-            self.k[layer] = torch.cat([self.k[layer], k], dim=2)
-            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
-            self.pos[layer] = torch.cat([self.pos[layer], pos], dim=2)
+        new = (k, v, pos[:, None, :].expand(-1, k.shape[1], -1))  # pos: [B, H_kv, T]
+        if self.k[layer] is None:  # a prompt's (first) chunk, kept as computed: no copy, no room
+            self.k[layer], self.v[layer], self.pos[layer] = new
+            return new
+        n, T = self.width(layer), k.shape[2]
+        if not self._has_room(layer, n + T):
+            self._grow(layer, n + T, like=new)
+        for buf, x in zip(self.room[layer], new):
+            buf[:, :, n:n + T] = x
+        self.k[layer], self.v[layer], self.pos[layer] = (buf[:, :, :n + T] for buf in self.room[layer])
         return self.k[layer], self.v[layer], self.pos[layer]
+
+    def width(self, layer: int) -> int:
+        return 0 if self.k[layer] is None else self.k[layer].shape[2]
+
+    def _has_room(self, layer: int, need: int) -> bool:
+        """Whether the layer's entries are still the prefix of its buffers (gather, clone or rewind
+        replace them by other tensors) and the buffers hold `need` entries."""
+        if self.room[layer] is None or self.room[layer][0].shape[2] < need:
+            return False
+        return all(t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride()
+                   for t, buf in zip((self.k[layer], self.v[layer], self.pos[layer]), self.room[layer]))
+
+    def _grow(self, layer: int, need: int, like):
+        """New buffers for `need` entries plus room (an eighth more, at least 256), the current
+        entries copied in: decoding copies the cache once per n/8 tokens, not once per token."""
+        n, cap = self.width(layer), need + max(256, need // 8)
+        self.room[layer] = tuple(x.new_empty(*x.shape[:2], cap, *x.shape[3:]) for x in like)
+        if n:
+            for buf, t in zip(self.room[layer], (self.k[layer], self.v[layer], self.pos[layer])):
+                buf[:, :, :n] = t
 
     def attend(self, layer: int, q, k, v, q_pos):
         return grouped_attention(q, k, v, q_pos, self.pos[layer])
@@ -176,7 +202,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        return self.width(0)
 
 
 class StaticKVCache(nn.Module):
@@ -324,19 +350,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, pos, cache, keep: int | None = None):
-        """Every token's K and V go into the cache; queries, attention and the output only for the
-        last `keep` tokens (all by default): `[B, T', dim]` and the queries `[B, H_q, T', D]`."""
+        """Every token's query, K and V (into the cache); attention and the output `[B, T', dim]`
+        only for the last `keep` tokens (all by default)."""
         B, T, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = apply_rope(self.q_norm(self.wq(x).view(B, T, Hq, D)).transpose(1, 2), cos, sin)  # [B, H_q, T, D]
         k = apply_rope(self.k_norm(self.wk(x).view(B, T, Hkv, D)).transpose(1, 2), cos, sin)  # [B, H_kv, T, D]
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, H_kv, T, D]
         k_all, v_all, _ = cache.update(self.layer, k, v, pos)  # [B, H_kv, S, D]
-        if keep is not None:
-            x, cos, sin, pos = x[:, -keep:], cos[:, :, -keep:], sin[:, :, -keep:], pos[:, -keep:]
-        Tq = x.shape[1]
-        q = apply_rope(self.q_norm(self.wq(x).view(B, Tq, Hq, D)).transpose(1, 2), cos, sin)  # [B, H_q, T', D]
-        y = cache.attend(self.layer, q, k_all, v_all, pos)  # [B, H_q, T', D]
-        return self.wo(y.transpose(1, 2).reshape(B, Tq, Hq * D)), q
+        q_out, pos = (q, pos) if keep is None else (q[:, :, -keep:], pos[:, -keep:])
+        y = cache.attend(self.layer, q_out, k_all, v_all, pos)  # [B, H_q, T', D]
+        return self.wo(y.transpose(1, 2).reshape(B, q_out.shape[2], Hq * D)), q
 
 
 def grouped_attention(q, k, v, q_pos, k_pos):
@@ -434,12 +458,10 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         queries = []
-        # the last layer's outputs feed only the logits and queries asked for: its other tokens
-        # need their K and V (the cache), not attention and MLP (a prefill skips 1/n_layers of it)
-        bounded = last_logits is not None and (not return_queries or last_queries is not None)
-        keep_last = max(last_logits, last_queries or 0) if bounded else None
+        # the last layer's outputs feed only the logits asked for: its other tokens need their
+        # queries and K/V, not attention and MLP (a prefill skips most of a layer)
         for i, block in enumerate(self.layers):
-            x, q = block(x, cos, sin, pos, cache, keep_last if i == len(self.layers) - 1 else None)
+            x, q = block(x, cos, sin, pos, cache, last_logits if i == len(self.layers) - 1 else None)
             if return_queries:
                 queries.append(q if last_queries is None else q[:, :, -last_queries:])
         x = self.norm(x if last_logits is None else x[:, -last_logits:])

@@ -847,9 +847,9 @@ def test_one_pass_causal_prefill_equals_the_chunked_masked_one(method):
 
 @pytest.mark.parametrize("keep_queries, chunk, padded", [(0, None, False), (6, None, False), (6, 7, False), (6, 7, True)])
 def test_prefill_skipping_the_last_layers_other_tokens_equals_the_full_forward(keep_queries, chunk, padded):
-    """A prefill runs the last layer's attention and MLP only for the tokens whose logits and
-    queries it keeps; the last logits, every layer's cache and the kept queries equal those of a
-    forward that computes every token's outputs."""
+    """A prefill runs the last layer's attention and MLP only for the tokens whose logits it keeps;
+    the last logits, every layer's cache and the kept queries equal those of a forward that
+    computes every token's outputs."""
     model = tiny(4, 2, n_layers=3)
     if padded:
         ids, pad = G.left_pad([rand_ids(model, 40)[0].tolist(), rand_ids(model, 29, 1)[0].tolist()], "cpu")
@@ -874,8 +874,46 @@ def test_prefill_skipping_the_last_layers_other_tokens_equals_the_full_forward(k
     for block in model.layers:
         block.feed_forward.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
     with torch.no_grad():
-        model(ids, pos, model.new_cache(), return_queries=True, last_logits=1, last_queries=3)
-    assert seen == [ids.shape[1]] * (len(model.layers) - 1) + [3]
+        model(ids, pos, model.new_cache(), return_queries=True, last_logits=2, last_queries=5)
+    assert seen == [ids.shape[1]] * (len(model.layers) - 1) + [2]
+
+
+def test_readable_cache_appends_in_place_and_equals_concatenation():
+    """KVCache.update writes decode tokens into buffers with room (no copy of the whole cache per
+    token); its entries equal plain concatenation, through rewinds, gathers and clones."""
+    g = torch.Generator().manual_seed(0)
+    kv = lambda T: (torch.randn(2, 3, T, 4, generator=g), torch.randn(2, 3, T, 4, generator=g))
+    cache, ref = M.KVCache(1), {"k": [], "v": [], "pos": []}
+    def add(T, start):
+        k, v = kv(T)
+        pos = torch.arange(start, start + T).expand(2, T)
+        before = [t.clone() for t in (cache.k[0], cache.v[0])] if cache.k[0] is not None else None
+        old = (cache.k[0], cache.v[0])
+        cache.update(0, k, v, pos)
+        if before is not None:  # views handed out earlier still read what they read
+            assert all(torch.equal(a, b) for a, b in zip(old, before))
+        ref["k"].append(k), ref["v"].append(v), ref["pos"].append(pos[:, None].expand(2, 3, T))
+    def check():
+        for name in ("k", "v", "pos"):
+            assert torch.equal(getattr(cache, name)[0], torch.cat(ref[name], 2))
+    add(10, 0)
+    add(1, 10)
+    ptr = cache.k[0].data_ptr()
+    for t in range(11, 40):
+        add(1, t)
+        check()
+    assert cache.k[0].data_ptr() == ptr  # appended in place: no reallocation within the room
+    cache.rewind(torch.tensor([30, 30]))
+    ref = {n: [torch.cat(r, 2)[:, :, :30]] for n, r in ref.items()}
+    check()
+    add(2, 30)
+    check()
+    kept = cache.gather([torch.arange(0, 32, 2).expand(2, 3, 16)])
+    assert torch.equal(kept.k[0], cache.k[0][:, :, ::2])
+    twin = cache.clone()
+    add(1, 32)
+    check()
+    assert twin.k[0].shape[2] == 32  # the clone did not see the new token
 
 
 def test_readme_paste_example(tmp_path):
