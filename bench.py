@@ -169,14 +169,18 @@ def bench_end_to_end(model, tok, n, args, device) -> list[dict]:
         return lambda: timed(lambda: G.run(model, ids, cfg, max_new_tokens=args.e2e_tokens, fast=True,
                                            prefill_chunk=args.prefill_chunk, **options), device)
     plan = e2e_runs(args)
+    key = lambda label, m, b: (label, None if m == "full" else b)  # the full cache's run does not depend on the budget
+    runs = {}
     for b in args.budgets:
-        runs = {label: run_fn(lqc.EvictConfig(method=m, budget=b, window=args.window), options)
-                for label, m, options, _ in plan}
-        results = interleaved(runs, args.reps)
+        for label, m, options, _ in plan:
+            runs.setdefault(key(label, m, b), run_fn(lqc.EvictConfig(method=m, budget=b, window=args.window), options))
+    results = interleaved(runs, args.reps)
+    for b in args.budgets:
         for label, m, options, ref in plan:
-            (_, stats), _ = results[label][-1]
+            done = results[key(label, m, b)]
+            (_, stats), _ = done[-1]
             rows.append(dict(length=n, budget=b, run=label, method=m, **options,
-                             e2e_s=statistics.median(dt for _, dt in results[label]),
+                             e2e_s=statistics.median(dt for _, dt in done),
                              drafted=stats.drafted, accepted=stats.accepted, ref=ref))
             rows[-1]["ratio"] = rows[-1]["e2e_s"] / next(r["e2e_s"] for r in rows if r["budget"] == b and r["run"] == ref)
             print(format_e2e(rows[-1], args), file=sys.stderr)

@@ -508,7 +508,8 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
     device = model.tok_embeddings.weight.device
     x, pad = left_pad(prompts, device)  # [B, L], [B]
     stats = Stats(prompt_tokens=x.shape[1], cache_limit=cache_limit)
-    verify = None if verify == "none" else verify
+    if verify not in (None, "full"):
+        raise ValueError(f"verify={verify!r}: None (no verification) or 'full'")
     k = draft_tokens(cfg, reuse, verify, draft_len)
     room = max_new_tokens + 2 * k + 1  # a round may feed k tokens past the end (see decode)
     if cache_limit is not None:
@@ -764,9 +765,9 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
     notes = []
     cfg = cli.evict_config(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,
                            kernel=pool_kernel, pool=pool, notes=notes)
+    verify = None if verify == "none" else verify  # the CLI's word for run_batch's None
     if cache_limit is not None:
-        verify_mode = None if verify == "none" else verify
-        check_limit(cfg, cache_limit, evict_every, verify_mode, draft=draft_tokens(cfg, reuse, verify_mode, draft_len))
+        check_limit(cfg, cache_limit, evict_every, verify, draft=draft_tokens(cfg, reuse, verify, draft_len))
     answer_prefix = cli.check_utf8(answer_prefix, "--answer-prefix")
     if sys.stdout is None:  # started with `>&-`: the answer would go nowhere
         raise cli.CannotWrite("cannot write to stdout: it is closed")

@@ -296,7 +296,11 @@ class StaticKVCache(nn.Module):
         # FlexAttention serves the compiled single-token step; a draft's verification (several
         # queries) runs eagerly, where FlexAttention would fall back to an unfused kernel
         if not self.flex or q.shape[2] > 1:
-            return grouped_attention(q, k, v, q_pos, self._buf("pos", layer))
+            pos = self._buf("pos", layer)
+            if not torch.compiler.is_compiling():  # eager: only the filled slots, often without a mask
+                n = int(self._buf("length", layer).max())
+                k, v, pos = k[:, :, :n], v[:, :, :n], pos[:, :, :n]
+            return grouped_attention(q, k, v, q_pos, pos)
         from torch.nn.attention.flex_attention import flex_attention
         # CPU inductor (torch 2.13) emits C++ that fails to compile when its flash-decoding path
         # splits the KV axis into several partitions; one partition spanning the capacity works

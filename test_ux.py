@@ -76,6 +76,25 @@ def test_bench_md_ends_its_table_before_the_ratio_lines(tiny_dir, tmp_path):
     assert lines[last_row + 1] == "" and lines[last_row + 2].startswith("limit ratio")
 
 
+def test_bench_end_to_end_runs_the_full_cache_once_for_all_budgets(tiny_dir, tmp_path, monkeypatch):
+    """The full cache's end-to-end run does not depend on the budget: one measurement serves the
+    verify rows of every budget; the evicting rows run once per budget."""
+    import bench
+    import generate as G
+    calls = []
+    run = G.run
+    monkeypatch.setattr(G, "run", lambda model, ids, cfg, **kw: calls.append((cfg.method, cfg.budget)) or run(model, ids, cfg, **kw))
+    result = bench.main(bench.parse_args(["--ckpt", tiny_dir, "--lengths", "300", "--budgets", "64", "128", "--methods",
+                                          "snapkv", "--reps", "2", "--steps", "2", "--warmup", "1", "--no-compile",
+                                          "--e2e-tokens", "3", "--verify-draft-lens", "2", "--out", str(tmp_path / "b")]))
+    assert sum(m == "full" for m, _ in calls) == 2  # once per repetition
+    assert sorted(b for m, b in calls if m == "snapkv") == [64] * 4 + [128] * 4  # plain and verify, 2 reps each
+    full = [r for r in result["end_to_end"] if r["run"] == "full"]
+    assert [r["budget"] for r in full] == [64, 128] and full[0]["e2e_s"] == full[1]["e2e_s"]
+    verify = [r for r in result["end_to_end"] if "verify" in r["run"]]
+    assert len(verify) == 4 and all(r["ref"] == "full" and r["ratio"] > 0 for r in verify)
+
+
 @pytest.fixture
 def saved_figures(monkeypatch):
     """The figures eval.py would save, kept for inspection instead of written."""
