@@ -123,7 +123,8 @@ class KVCache:
 
     Kept per KV head, never repeated per query head. Eviction builds a smaller cache with `gather`.
     `k[l]`, `v[l]`, `pos[l]` are prefix views of buffers with room to grow, so a decode step
-    writes its token in place instead of copying the whole cache (as `torch.cat` would).
+    writes its token in place instead of copying the whole cache (as `torch.cat` would). After
+    an eviction or a rewind the next append copies the entries into new buffers once.
     """
 
     def __init__(self, n_layers: int):
@@ -131,6 +132,7 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * n_layers
         self.pos: list[torch.Tensor | None] = [None] * n_layers
         self.room: list[tuple | None] = [None] * n_layers  # per layer the (k, v, pos) buffers
+        self.max_width: int | None = None  # appends never allocate past it (a decode-time cache limit)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Append k, v `[B, H_kv, T, D]` at positions `[B, T]`; return the layer's whole cache."""
@@ -161,6 +163,8 @@ class KVCache:
         """New buffers for `need` entries plus room (an eighth more, at least 256), the current
         entries copied in: decoding copies the cache once per n/8 tokens, not once per token."""
         n, cap = self.width(layer), need + max(256, need // 8)
+        if self.max_width is not None:
+            cap = max(need, min(cap, self.max_width))
         self.room[layer] = tuple(x.new_empty(*x.shape[:2], cap, *x.shape[3:]) for x in like)
         if n:
             for buf, t in zip(self.room[layer], (self.k[layer], self.v[layer], self.pos[layer])):
@@ -185,11 +189,15 @@ class KVCache:
             pos = pos.masked_fill(pos >= limit[:, None, None], -1)  # [B, H_kv, T]
             width = int((pos >= 0).flatten(0, 1).any(0).nonzero().max()) + 1
             self.k[l], self.v[l], self.pos[l] = self.k[l][:, :, :width], self.v[l][:, :, :width], pos[:, :, :width]
+        # the next append makes new room: writing past `width` in place would overwrite the
+        # rejected entries under any view of them handed out before
+        self.room = [None] * len(self.k)
 
     def compact(self, indices: list[torch.Tensor]):
         """In place: keep only the entries `indices[l]` (decode-time eviction, a cache limit)."""
         kept = self.gather(indices)
         self.k, self.v, self.pos = kept.k, kept.v, kept.pos
+        self.room = [None] * len(self.k)  # free the old buffers now
 
     def clone(self) -> "KVCache":
         out = KVCache(len(self.k))

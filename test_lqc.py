@@ -903,17 +903,27 @@ def test_readable_cache_appends_in_place_and_equals_concatenation():
         add(1, t)
         check()
     assert cache.k[0].data_ptr() == ptr  # appended in place: no reallocation within the room
+    before_rewind = [(t, t.clone()) for t in (cache.k[0], cache.v[0])]
     cache.rewind(torch.tensor([30, 30]))
     ref = {n: [torch.cat(r, 2)[:, :, :30]] for n, r in ref.items()}
     check()
     add(2, 30)
     check()
+    # the tokens after a rewind do not land on the rejected entries under a view handed out before
+    assert all(torch.equal(view, copy) for view, copy in before_rewind)
     kept = cache.gather([torch.arange(0, 32, 2).expand(2, 3, 16)])
     assert torch.equal(kept.k[0], cache.k[0][:, :, ::2])
     twin = cache.clone()
     add(1, 32)
     check()
     assert twin.k[0].shape[2] == 32  # the clone did not see the new token
+    # under a decode-time limit, appends allocate no room past it
+    cache.max_width = 40
+    cache.compact([torch.arange(0, 33, 3).expand(2, 3, 11)])
+    ref = {n: [torch.cat(r, 2)[:, :, 0:33:3]] for n, r in ref.items()}
+    add(1, 33)
+    check()
+    assert cache.room[0][0].shape[2] == 40
 
 
 def test_readme_paste_example(tmp_path):
