@@ -152,8 +152,9 @@ class KVCache:
         return 0 if self.k[layer] is None else self.k[layer].shape[2]
 
     def _has_room(self, layer: int, need: int) -> bool:
-        """Whether the layer's entries are still the prefix of its buffers (gather, clone or rewind
-        replace them by other tensors) and the buffers hold `need` entries."""
+        """Whether the layer's entries are still the prefix of its buffers and the buffers hold
+        `need` entries. `rewind` and `compact` drop the room themselves; this also catches code
+        that assigns `k`, `v` or `pos` directly (the fields are public)."""
         if self.room[layer] is None or self.room[layer][0].shape[2] < need:
             return False
         return all(t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride()
@@ -476,7 +477,7 @@ class Transformer(nn.Module):
             x, q = block(x, cos, sin, pos, cache, last_logits if i == len(self.layers) - 1 else None)
             if return_queries:
                 queries.append(q if last_queries is None else q[:, :, -last_queries:])
-        x = self.norm(x if last_logits is None else x[:, -last_logits:])
+        x = self.norm(x)  # [B, T or last_logits, dim]: the last block kept only those
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = F.linear(x, head).float()
         return (logits, queries) if return_queries else logits
