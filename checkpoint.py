@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+import fetch
+import gguf_file
 from model import CheckpointError, ModelArgs, Transformer, rope_inv_freq
 from tokenizer import Fields, Tokenizer, gguf_tokenizer, hf_tokenizer, one_line, read_json
 
@@ -261,7 +263,8 @@ def load_state(model: Transformer, tensors: dict[str, torch.Tensor], fmt: str, i
             if not t.dtype.is_floating_point:
                 raise CheckpointError(f"tensor {src} has dtype {t.dtype}: weights must be floating point")
             p.copy_(t)
-            if not torch.isfinite(p).all():  # NaN/Inf in the file, or too large for the chosen dtype
+            if not (p.amax().isfinite() and p.amin().isfinite()):  # NaN propagates; no [numel] bool tensor
+                # NaN/Inf in the file, or too large for the chosen dtype
                 raise CheckpointError(f"tensor {src} has NaN or Inf values (as {p.dtype}): the checkpoint is damaged")
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +277,7 @@ CHECKPOINTS = {
     "llama": "meta-llama/Llama-3.2-1B-Instruct",
     "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "qwen0.5b": "fetched:qwen0.5b",  # Qwen2.5-Coder-0.5B-Instruct GGUF, 32k context: `make qwen` (fetch.py)
 }
 FALLBACK = {"llama": "smollm2"}
 
@@ -291,11 +295,25 @@ def embedded_gguf(spec: str) -> Path:
     return path
 
 
+def fetched_gguf(name: str) -> Path:
+    """A model assembled by fetch.py in lqc's model folder; its sha256 was checked before it got its
+    name, its size is checked at every load (a cheap guard against a file cut short since)."""
+    path = fetch.model_path(name)
+    if not path.exists():
+        raise CheckpointError(fetch.missing_message(name))
+    if path.stat().st_size != fetch.REGISTRY[name].size:
+        raise CheckpointError(f"{path} has {path.stat().st_size:,} bytes, expected {fetch.REGISTRY[name].size:,}: "
+                              f"delete it and run `make {fetch.REGISTRY[name].make_target}` again")
+    return path
+
+
 def resolve_checkpoint(ckpt: str) -> Path:
     """A short name, a GGUF file, an HF directory or a hub id -> a local path."""
     target = CHECKPOINTS.get(ckpt, ckpt)
     if target.startswith("embedded:"):
         return embedded_gguf(target[len("embedded:"):])
+    if target.startswith("fetched:"):
+        return fetched_gguf(target[len("fetched:"):])
     p = Path(target).expanduser()
     if p.exists():
         return p
@@ -381,34 +399,30 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_gguf(path: Path):
-    """(metadata dict, {name: gguf tensor})."""
-    import gguf
+    """(metadata dict, {name: TensorInfo}, the file's bytes as a uint8 tensor)."""
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise CheckpointError(f"cannot read GGUF {path} (truncated or corrupt?): {one_line(e)}") from None
-    meta = {}
-    for k, f in reader.fields.items():
-        try:
-            meta[k] = f.contents()
-        except Exception:  # a value gguf cannot decode reads as missing, and is refused where needed
-            pass
-    return meta, {t.name: t for t in reader.tensors}
+        with open(path, "rb") as f:
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(buf)
+        meta, infos = gguf_file.read_header(buf)
+    except gguf_file.GGUFFormatError as e:
+        raise CheckpointError(f"cannot read GGUF {path} (truncated or corrupt?): {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read GGUF {path}: {e.strerror or e}") from None
+    return meta, {t.name: t for t in infos}, torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
 
 
-def dequantize_gguf(t, n_heads: int | None = None) -> torch.Tensor:
-    """One GGUF tensor -> fp32 `[out, in]`; Q/K rows get llama.cpp's converter permutation undone
-    (it interleaves the two rotary halves of each head; we use rotate-half)."""
-    import gguf
-    if t.tensor_type.name in ("I8", "I16", "I32", "I64"):
-        raise CheckpointError(f"tensor {t.name} has GGUF type {t.tensor_type.name}: weights must be floating point")
+def dequantize_gguf(t: gguf_file.TensorInfo, data: torch.Tensor, n_heads: int | None = None) -> torch.Tensor:
+    """One GGUF tensor -> fp32 (`[out, in]` for a matrix); Q/K rows get llama.cpp's converter
+    permutation undone (it interleaves the two rotary halves of each head; we use rotate-half)."""
+    if t.type_name in ("I8", "I16", "I32", "I64"):
+        raise CheckpointError(f"tensor {t.name} has GGUF type {t.type_name}: weights must be floating point")
     try:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = gguf_file.dequantize(data[t.offset:t.offset + t.nbytes], t)
     except NotImplementedError:
-        raise CheckpointError(f"tensor {t.name}: GGUF type {t.tensor_type.name} cannot be dequantized") from None
+        raise CheckpointError(f"tensor {t.name}: GGUF type {t.type_name} cannot be dequantized") from None
     except Exception as e:
         raise CheckpointError(f"tensor {t.name} cannot be read (truncated or corrupt?): {one_line(e)}") from None
-    w = torch.from_numpy(w.astype("float32").copy())
     if n_heads is not None and w.ndim == 2 and w.shape[0] % (2 * n_heads) == 0:  # other shapes: load_state names them
         rows, cols = w.shape
         w = w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
@@ -416,14 +430,15 @@ def dequantize_gguf(t, n_heads: int | None = None) -> torch.Tensor:
 
 
 def load_gguf(path: Path, device, dtype) -> tuple[Transformer, Tokenizer]:
-    meta, raw = read_gguf(path)
+    meta, raw, data = read_gguf(path)
     args = args_from_gguf(meta, "output.weight" in raw, path)
     arch = meta["general.architecture"]
     for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
         if name in raw:
             raise CheckpointError(f"{path}: tensor {name}: Phi-3 LongRoPE scaling is not supported (use a 4k-context Phi-3)")
     model = allocate(args, device, dtype, path)
-    tensors = {name: dequantize_gguf(t, _permuted_heads(name, args) if arch == "llama" else None) for name, t in raw.items()}
+    tensors = {name: dequantize_gguf(t, data, _permuted_heads(name, args) if arch == "llama" else None)
+               for name, t in raw.items()}
     factors = tensors.pop("rope_freqs.weight", None)  # Llama 3.x: per-dimension rope scaling factors
     if factors is not None and (factors.shape != (args.head_dim // 2,) or not (factors > 0).all()):
         raise CheckpointError(f"{path}: tensor rope_freqs.weight must hold {args.head_dim // 2} positive factors")
