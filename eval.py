@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import string
@@ -42,6 +43,8 @@ from functools import partial
 from pathlib import Path
 
 import cli
+import ruler
+from ruler import take_filler
 
 if __name__ == "__main__":
     cli.quiet_ctrl_c()  # before the slow imports below
@@ -50,6 +53,7 @@ import torch
 
 import generate as G
 import lqc
+import model as M
 from checkpoint import load
 from cli import BadInput
 from tokenizer import format_chat
@@ -57,35 +61,9 @@ from tokenizer import format_chat
 # ----------------------------------------------------------------------------------------------
 # Tasks, generated offline and deterministically from a seed
 
-_SUBJECTS = ["The old sailor", "A young teacher", "The baker", "My neighbour", "The mayor", "A quiet student",
-             "The gardener", "An engineer", "The painter", "A traveller", "The librarian", "The doctor"]
-_VERBS = ["walked along", "wrote about", "dreamed of", "painted", "photographed", "argued about", "cleaned",
-          "visited", "described", "remembered", "repaired", "sang about"]
-_OBJECTS = ["the river bank", "a red bicycle", "the winter market", "an empty theatre", "the northern hills",
-            "a broken clock", "the harbour lights", "a field of barley", "the stone bridge", "a tall ship",
-            "the village square", "a basket of apples"]
-_TAILS = ["before sunrise", "in the rain", "with great care", "for many hours", "after the storm",
-          "during the festival", "without a word", "at the end of summer", "once again", "with two friends"]
 _WORDS = ["lantern", "saffron", "compass", "violet", "thimble", "harbor", "meadow", "cobalt", "pepper",
           "marble", "falcon", "quartz", "juniper", "walnut", "ember", "canvas"]
 _DISHES = ["the fish stew", "the spring soup", "the plum cake", "the lemon tart", "the bean salad", "the onion pie"]
-
-
-def filler_sentences(rng: random.Random):
-    """Endless varied sentences: a random subject, verb, object and tail each time, so the text
-    cannot be compressed away as one repeated sentence."""
-    while True:
-        yield f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}."
-
-
-def take_filler(tok, rng: random.Random, n_tokens: int) -> list[str]:
-    """Filler sentences adding up to at most n_tokens tokens."""
-    sents, used = [], 0
-    for s in filler_sentences(rng):
-        used += len(tok.encode(" " + s))
-        if used > n_tokens:
-            return sents
-        sents.append(s)
 
 
 @dataclass
@@ -258,29 +236,43 @@ def hide_last_prompt_entry(cache, L: int):
 
 
 def continuation_logits(model, cache, first_logits, last_tok: int, tokens: list[int], L: int, mode: str):
-    """Next-token logits `[n, V]` predicting tokens[0..n-1], teacher-forced, on a copy of `cache`."""
-    dev = first_logits.device
+    """Next-token logits `[n, V]` predicting tokens[0..n-1], teacher-forced, on a copy of `cache`
+    (one row; `continuation_rows` for a batch)."""
+    return continuation_rows(model, cache, first_logits, last_tok, tokens, L, mode)[0]
+
+
+def continuation_rows(model, cache, first_logits, last_tok: int, tokens: list[int], L: int, mode: str):
+    """The same tokens teacher-forced on every row of a batched cache (all rows' prompts L long):
+    logits `[B, n, V]`; first_logits `[1 or B, V]` are the prefill's."""
+    dev, B = first_logits.device, cache.k[0].shape[0]
     if mode == "redecode":
         cache = hide_last_prompt_entry(cache, L)
         feed, start, head = [last_tok] + tokens[:-1], L - 1, []
     else:
         cache = cache.clone()
-        feed, start, head = tokens[:-1], L, [first_logits[0]]
+        feed, start, head = tokens[:-1], L, [first_logits.expand(B, -1)[:, None]]
     if not feed:
-        return torch.stack(head)
-    x = torch.tensor([feed], device=dev)
-    out = model(x, torch.arange(start, start + len(feed), device=dev)[None], cache)[0]  # [n', V]
-    return torch.cat([torch.stack(head), out]) if head else out
+        return torch.cat(head, 1)
+    x = torch.tensor([feed], device=dev).expand(B, -1)
+    out = model(x, torch.arange(start, start + len(feed), device=dev).expand(B, -1), cache)  # [B, n', V]
+    return torch.cat(head + [out], 1)
 
 
 def greedy(model, cache, first_logits, last_tok: int, L: int, mode: str, n: int, eos_ids) -> list[int]:
-    dev = first_logits.device
+    return greedy_rows(model, cache, first_logits, last_tok, L, mode, n, eos_ids)[0]
+
+
+def greedy_rows(model, cache, first_logits, last_tok: int, L: int, mode: str, n: int, eos_ids) -> list[list[int]]:
+    """Greedy answers of every row of a batched cache (prompts L long, the same last token), each
+    as it would be alone; on a copy of the cache."""
+    dev, B = first_logits.device, cache.k[0].shape[0]
     if mode == "redecode":
         cache = hide_last_prompt_entry(cache, L)
-        logits = model(torch.tensor([[last_tok]], device=dev), torch.tensor([[L - 1]], device=dev), cache)[:, -1]
+        logits = model(torch.tensor([[last_tok]], device=dev).expand(B, 1), torch.full((B, 1), L - 1, device=dev),
+                       cache)[:, -1]
     else:
-        cache, logits = cache.clone(), first_logits
-    return G.decode(model, cache, logits, torch.tensor([L], device=dev), max_new_tokens=n, eos_ids=eos_ids)[0]
+        cache, logits = cache.clone(), first_logits.expand(B, -1)
+    return G.decode(model, cache, logits, torch.full((B,), L, device=dev), max_new_tokens=n, eos_ids=eos_ids)
 
 
 def attention_recall(ref_mass: list[torch.Tensor], indices) -> float:
@@ -447,6 +439,259 @@ def evaluate_long_answer(model, tok, task: Task, methods, limits, args) -> list[
                              agree=prefix_agreement(out, full_out), kl=kl_mean(full_tf, tf), evict_share=evict_share,
                              new_tokens=len(out), full_decode_s=full_s, output=text[:400]))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The RULER-style suite (ruler.py): one prefill per prompt; every method and budget evicts from it
+# and all of them decode together as one batch (each row as it would alone)
+
+def suite_grid(methods, budgets) -> list[tuple[str, int]]:
+    return [(m, b) for m in methods if m != "full" for b in budgets]
+
+
+@torch.no_grad()
+def evaluate_sample(model, tok, s: ruler.Sample, methods, budgets, args) -> list[dict]:
+    """Prefill once (with H2O's attention mass when H2O is compared), decode the full cache's answer,
+    then every (method, budget) row: eviction, greedy answer (batched), and the full cache's answer
+    teacher-forced (batched) for KL, agreement and draft acceptance."""
+    ids = task_prompt_ids(tok, s)
+    L, dev, eos = len(ids), model.tok_embeddings.weight.device, tok.eos_ids
+    t0 = time.perf_counter()
+    pre = G.prefill(model, torch.tensor([ids], device=dev), chunk=args.prefill_chunk, h2o="h2o" in methods,
+                    keep_queries=max(lqc.EvictConfig(method=m, window=args.window, window_laqpp=args.window_laqpp).obs_window
+                                     for m in methods))
+    G.sync(dev)
+    prefill_s, last, mode = time.perf_counter() - t0, ids[-1], args.first_token
+    full_out = greedy(model, pre.cache, pre.obs.logits, last, L, mode, s.max_new, eos)
+    forced = full_out or [eos[0]]
+    full_tf = continuation_logits(model, pre.cache, pre.obs.logits, last, forced, L, mode)  # [n, V]
+    ref = reference_mass(model, pre, full_out, L, args.recall_queries)
+    base = dict(task=s.name, length=s.length, prompt_tokens=L, depth=s.depth, haystack=s.haystack, seed=s.seed,
+                prefill_s=prefill_s, h2o_prefill="h2o" in methods, first_token=mode)
+    rows = [base | suite_row(tok, s, "full", L, full_out, full_out, None, 1.0, 0.0)] if "full" in methods else []
+    grid = suite_grid(methods, budgets)
+    if not grid:
+        return rows
+    caches, kept, seconds = [], [], []
+    for m, b in grid:
+        t1 = time.perf_counter()
+        cache, indices = G.evict(evict_config(args, m, b), model, pre, eos_ids=eos)
+        G.sync(dev)
+        seconds.append(time.perf_counter() - t1)
+        caches.append(cache)
+        kept.append(indices)
+    batch = M.KVCache.stack(caches)
+    del caches
+    outs = greedy_rows(model, batch, pre.obs.logits, last, L, mode, s.max_new, eos)
+    tf = continuation_rows(model, batch, pre.obs.logits, last, forced, L, mode)  # [R, n, V]
+    want = torch.tensor(forced)
+    for r, (m, b) in enumerate(grid):
+        matches = (tf[r].argmax(-1).cpu() == want).tolist()
+        rows.append(base | suite_row(tok, s, m, b, outs[r], full_out, matches, attention_recall(ref, kept[r]),
+                                     kl_mean(full_tf, tf[r]), args.draft_len) | dict(evict_s=seconds[r],
+                                                                                     evict_share=seconds[r] / prefill_s))
+    return rows
+
+
+def suite_row(tok, s, method, budget, out, full_out, matches, recall, kl, draft_len=1) -> dict:
+    text = tok.decode(out)
+    return dict(method=method, budget=budget, acc=ruler.score(text, s.expected), recall=recall,
+                agree=prefix_agreement(out, full_out), kl=kl,
+                accept=1.0 if matches is None else draft_acceptance(matches, draft_len), evict_s=0.0, evict_share=0.0,
+                output=text[:300])
+
+
+def sample_key(s: ruler.Sample) -> str:
+    return f"{s.name}|{s.length}|{s.depth}|{s.seed}|{s.haystack}"
+
+
+def suite_config(args) -> dict:
+    """What makes two runs' rows comparable: a rerun into the same --out must agree on all of it."""
+    keys = ("ckpt", "methods", "budgets", "first_token", "window", "window_laqpp", "lookahead", "pool", "pool_kernel",
+            "recall_queries", "draft_len", "dtype")
+    return {k: getattr(args, k) for k in keys}
+
+
+def read_done(path: Path, config: dict) -> dict:
+    """{sample key: rows} already in results.jsonl (one line per prompt, appended as each finishes).
+    A last line cut short by a kill is dropped (the file is cut back to its last whole line)."""
+    if not path.exists():
+        return {}
+    done, raw = {}, path.read_bytes()
+    whole = raw[: raw.rfind(b"\n") + 1]
+    if len(whole) < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+    for n, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise BadInput(f"{path} line {n} is not JSON: not a results file of eval.py; use another --out") from None
+        if "config" in rec and rec["config"] != config:
+            diff = sorted(k for k in config if rec["config"].get(k) != config[k])
+            raise BadInput(f"{path} holds a run with other settings ({', '.join(diff)}): rerun with the same flags to "
+                           "continue it, or choose another --out (or --overwrite)")
+        if "key" in rec:
+            done[rec["key"]] = rec["rows"]
+    return done
+
+
+def append_line(path: Path, obj):
+    """One JSON line, written with one call and flushed to disk: a kill leaves whole lines (and at
+    most a cut last one, which `read_done` drops)."""
+    data = (json.dumps(cli.finite_or_none(obj), allow_nan=False) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise cli.CannotWrite(f"cannot write {path}: {e.strerror or e}") from None
+
+
+class Clock:
+    """Progress and the --minutes budget: seconds per prompt measured per length (a length not seen
+    yet is estimated from the others, prefill growing about as length^1.5)."""
+
+    def __init__(self, minutes: float | None):
+        self.start, self.limit = time.perf_counter(), None if minutes is None else 60 * minutes
+        self.seconds: dict[int, list[float]] = defaultdict(list)
+
+    def estimate(self, length: int) -> float | None:
+        if self.seconds.get(length):
+            return sum(self.seconds[length]) / len(self.seconds[length])
+        known = [(n, sum(v) / len(v)) for n, v in self.seconds.items() if v]
+        return None if not known else sum(t * (length / n) ** 1.5 for n, t in known) / len(known)
+
+    def fits(self, length: int) -> bool:
+        est = self.estimate(length) or 0.0
+        return self.limit is None or self.elapsed() + est <= self.limit
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def eta(self, lengths: list[int]) -> float:
+        return sum(self.estimate(n) or 0.0 for n in lengths)
+
+
+def run_suite(model, tok, args, out: Path) -> list[dict]:
+    """Every sample not in --out yet, in order, until done or --minutes is spent; progress on stderr."""
+    samples = ruler.build(tok, args.tasks, args.lengths, args.depths, args.seeds)
+    for s in samples:
+        n = len(task_prompt_ids(tok, s))
+        if n > s.length:
+            raise BadInput(f"--lengths {s.length} is too short for {s.name}: its prompt takes {n} tokens")
+    path, config = out / "results.jsonl", suite_config(args)
+    done = read_done(path, config)
+    if not path.exists():
+        append_line(path, {"config": config})
+    todo = [s for s in samples if sample_key(s) not in done]
+    rows = [r for rs in done.values() for r in rs]
+    if done:
+        print(f"eval.py: {len(samples) - len(todo)} of {len(samples)} prompts are done in {path}; "
+              f"running the other {len(todo)}", file=sys.stderr)
+    clock = Clock(args.minutes)
+    for i, s in enumerate(todo):
+        if not clock.fits(s.length):
+            print(f"eval.py: note: stopped after {i} of {len(todo)} prompts (--minutes {args.minutes:g}): "
+                  "rerun the same command to continue", file=sys.stderr)
+            break
+        t0 = time.perf_counter()
+        new = evaluate_sample(model, tok, s, args.methods, sorted(args.budgets), args)
+        clock.seconds[s.length].append(time.perf_counter() - t0)
+        append_line(path, {"key": sample_key(s), "rows": new})
+        rows += new
+        full = next((r["acc"] for r in new if r["method"] == "full"), float("nan"))
+        print(f"eval.py: [{i + 1}/{len(todo)}] {s.name} {s.length} tok ({len(task_prompt_ids(tok, s))}): "
+              f"{clock.seconds[s.length][-1]:.0f} s, full cache {full:.2f}; elapsed {clock.elapsed() / 60:.1f} min, "
+              f"left ~{clock.eta([t.length for t in todo[i + 1:]]) / 60:.0f} min", file=sys.stderr, flush=True)
+    return rows
+
+
+def suite_summary(rows: list[dict]) -> dict:
+    """{(length, task or 'all', method, budget): means, n and the Wilson interval of acc}."""
+    groups = defaultdict(list)
+    for r in rows:
+        b = "full" if r["method"] == "full" else r["budget"]
+        for task in (r["task"], "all"):
+            groups[(r["length"], task, r["method"], b)].append(r)
+    out = {}
+    for k, v in groups.items():
+        means = {m: sum(r[m] for r in v) / len(v) for m in ("acc", "recall", "agree", "kl", "accept", "evict_share")}
+        lo, hi = ruler.wilson(means["acc"] * len(v), len(v))
+        out[k] = means | {"n": len(v), "lo": lo, "hi": hi}
+    return out
+
+
+def suite_tables(summary: dict, methods, budgets, tasks) -> str:
+    """Per length: a row per method and budget, the suite's accuracy with its 95% interval, each
+    task's accuracy, and the model-free columns."""
+    blocks = []
+    for length in sorted({k[0] for k in summary}):
+        head = ["method", "budget", "n", "suite acc [95% CI]", *tasks, "KL", "agree", "draft accept", "evict % of prefill"]
+        lines = [f"**{length} tokens**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in methods:
+            for b in (["full"] if m == "full" else budgets):
+                a = summary.get((length, "all", m, b))
+                if not a:
+                    continue
+                per_task = [f"{summary[(length, t, m, b)]['acc']:.2f}" if (length, t, m, b) in summary else "-"
+                            for t in tasks]
+                lines.append(f"| {m} | {b} | {a['n']} | {a['acc']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] | "
+                             + " | ".join(per_task) + f" | {a['kl']:.3f} | {a['agree']:.2f} | {a['accept']:.2f} | "
+                             f"{100 * a['evict_share']:.1f} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def plot_suite(summary, methods, budgets, caption: str, at_budget: int, path: Path):
+    """Left: suite accuracy vs budget, one panel per length; right: accuracy vs length at one budget;
+    shaded: the 95% Wilson interval."""
+    plt = pyplot()
+    lengths = sorted({k[0] for k in summary})
+    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(4.2 * (len(lengths) + 1), 4), squeeze=False)
+    curves = [m for m in methods if m != "full"]
+    for ax, n in zip(axes[0], lengths):
+        for m in curves:
+            pts = [(b, summary[(n, "all", m, b)]) for b in budgets if (n, "all", m, b) in summary]
+            draw_curve(ax, m, pts)
+        full = summary.get((n, "all", "full", "full"))
+        if full:
+            ax.axhline(full["acc"], color="k", ls="--", label="full cache")
+            ax.axhspan(full["lo"], full["hi"], color="k", alpha=0.06)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_title(f"{n} tokens", fontsize=9)
+        ax.set_xlabel("budget (kept entries per KV head per layer)", fontsize=8)
+    ax = axes[0][-1]
+    for m in methods:
+        b = "full" if m == "full" else at_budget
+        draw_curve(ax, m, [(n, summary[(n, "all", m, b)]) for n in lengths if (n, "all", m, b) in summary])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_title(f"budget {at_budget}", fontsize=9)
+    ax.set_xlabel("context length (tokens)", fontsize=8)
+    for a in axes[0]:
+        a.set_ylim(-0.02, 1.02)
+        a.grid(alpha=0.3)
+    axes[0][0].set_ylabel("suite accuracy (share of expected strings)")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"RULER-style suite: accuracy vs budget and vs length ({caption})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_curve(ax, method: str, pts: list):
+    if not pts:
+        return
+    color, marker, ls = STYLE[method]
+    xs = [x for x, _ in pts]
+    ax.plot(xs, [p["acc"] for _, p in pts], color=color, marker=marker, ls=ls or "-", markerfacecolor="none",
+            label=method)
+    ax.fill_between(xs, [p["lo"] for _, p in pts], [p["hi"] for _, p in pts], color=color, alpha=0.08)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,18 +862,28 @@ def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
 
 OUTPUTS = ["results.json", "results.md", "accuracy_vs_budget.png", "heatmap.png", "kept.png"]
 GENERATED = dict(tasks=["passkey", "needle", "multikey"], lengths=[1024, 2048], depths=[0.25, 0.75], seeds=1)
+SUITE = dict(tasks=list(ruler.SUITE), lengths=[4096, 8192, 16384], depths=[0.1, 0.3, 0.5, 0.7, 0.9], seeds=4)
 
 
 def parse_args(argv=None):
     p = cli.ArgParser(description="Evaluate KV-cache eviction methods on long-context retrieval and fidelity. "
                                   + G.WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
     p.add_argument("--ckpt", default="smollm2", help="short name, .gguf file, HF directory or hub id")
-    p.add_argument("--tasks", nargs="+", choices=list(TASKS), help=f"default: {' '.join(GENERATED['tasks'])}")
+    p.add_argument("--suite", choices=["ruler"],
+                   help="the RULER-style suite (ruler.py): " + ", ".join(ruler.SUITE) + "; scored as RULER does (share "
+                        f"of expected strings found), accuracy with 95%% Wilson intervals; defaults: lengths "
+                        f"{' '.join(map(str, SUITE['lengths']))}, depths {' '.join(map(str, SUITE['depths']))}, seeds "
+                        f"{SUITE['seeds']}; results.jsonl grows a line per prompt and a rerun into the same --out continues")
+    p.add_argument("--tasks", nargs="+", choices=[*TASKS, *ruler.SUITE],
+                   help=f"default: {' '.join(GENERATED['tasks'])} (with --suite: all of the suite)")
     p.add_argument("--data", help="LongBench-format UTF-8 JSONL (context / input / answers) instead of generated tasks")
     p.add_argument("--limit", type=int, default=None, help="at most this many JSONL examples (with --data)")
     p.add_argument("--lengths", nargs="+", type=int, help="prompt lengths in tokens (default: 1024 2048)")
     p.add_argument("--depths", nargs="+", type=float, help="where the fact sits, in [0, 1] (default: 0.25 0.75)")
-    p.add_argument("--seeds", type=int, help="instances per task x length x depth (default: 1)")
+    p.add_argument("--seeds", type=int, help="instances per task x length x depth (default: 1); with --suite, per task "
+                                             "x length, the depths and the two haystacks taking turns")
+    p.add_argument("--minutes", type=float, help="--suite: start no prompt that would end after this many minutes "
+                                                "(measured per length); rerun the same command to continue")
     p.add_argument("--methods", nargs="+", default=list(lqc.METHOD_NAMES), choices=lqc.METHOD_NAMES, help="methods to compare")
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256], help="kept entries per KV head per layer")
     p.add_argument("--first-token", default="redecode", choices=["redecode", "prefill"],
@@ -663,9 +918,19 @@ def check_args(args) -> list[str]:
     given = [f"--{k}" for k in GENERATED if getattr(args, k) is not None]
     if args.data and (given or args.plot_kept):
         raise BadInput(f"{' '.join(given) or '--plot-kept'} do not apply to --data (generated tasks only)")
+    if args.data and (args.suite or args.minutes is not None):
+        raise BadInput(f"{'--suite' if args.suite else '--minutes'} does not apply to --data")
     if args.limit is not None and not args.data:
         raise BadInput("--limit applies to --data only")
-    for k, v in GENERATED.items():
+    in_suite = [t in ruler.SUITE for t in args.tasks or []]
+    if any(in_suite) and not all(in_suite):
+        raise BadInput("--tasks mixes the suite's tasks with the others: they are scored differently, run them apart")
+    args.suite = args.suite or ("ruler" if any(in_suite) else None)
+    if args.minutes is not None and not args.suite:
+        raise BadInput("--minutes applies to --suite only")
+    if args.minutes is not None and not 0 < args.minutes < 1e6:
+        raise BadInput(f"--minutes must be a positive number of minutes (got {args.minutes:g})")
+    for k, v in (SUITE if args.suite else GENERATED).items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     cli.positive("--lengths", *args.lengths)
     cli.positive("--budgets", *args.budgets)
@@ -724,14 +989,17 @@ def main(args) -> dict:
     budgets = sorted(args.budgets)
     tasks = load_longbench(args.data, args.limit) if args.data else None
     dev, dt = G.check_device(args.device, args.dtype)
-    out = cli.check_out(args.out, args.overwrite)
+    resume = args.suite and not args.overwrite and (Path(args.out) / "results.jsonl").is_file()
+    out = cli.check_out(args.out, args.overwrite or resume)
     model, tok = load(args.ckpt, dev, dt)
     if args.agree_tokens >= model.args.max_seq_len // 2:
         raise BadInput(f"--agree-tokens {args.agree_tokens} leaves too little of the model's context of "
                        f"{model.args.max_seq_len} for the prompt")
-    tasks = tasks or build_tasks(args, tok, model.args.max_seq_len)
     for line in notes:
         cli.note("eval.py", line)
+    if args.suite:
+        return main_suite(model, tok, args, out, resume)
+    tasks = tasks or build_tasks(args, tok, model.args.max_seq_len)
     cli.start_out(out, OUTPUTS)
     rows, long_answer = [], tasks[0].name == LONG_ANSWER
     score = evaluate_long_answer if long_answer else evaluate_task
@@ -757,6 +1025,33 @@ def main(args) -> dict:
     write_results(out, args, rows, summary)  # last: a complete results.json means everything is there
     cli.write_stdout(table + "\n")
     print(f"wrote {out}/results.json, results.md and figures", file=sys.stderr)
+    return summary
+
+
+SUITE_OUTPUTS = ["results.json", "results.md", "suite.png"]
+
+
+def main_suite(model, tok, args, out: Path, resume: bool) -> dict:
+    if max(args.lengths) + 64 > model.args.max_seq_len:
+        raise BadInput(f"--lengths up to {max(args.lengths)} (+ the answer) exceed the model's context of "
+                       f"{model.args.max_seq_len}")
+    cli.start_out(out, SUITE_OUTPUTS + ([] if resume else ["results.jsonl"]))
+    rows = run_suite(model, tok, args, out)
+    budgets = sorted(args.budgets)
+    summary = suite_summary(rows)
+    table = suite_tables(summary, args.methods, budgets, args.tasks)
+    n_prompts = len({(r["task"], r["length"], r["depth"], r["seed"], r["haystack"]) for r in rows})
+    complete = n_prompts == len(args.tasks) * len(args.lengths) * args.seeds
+    caption = f"{args.ckpt}, {n_prompts} prompts"
+    if rows:
+        at = 128 if 128 in budgets else budgets[len(budgets) // 2]
+        save_figure(out / "suite.png", plot_suite, summary, args.methods, budgets, caption, at)
+    cli.write_text(out / "results.md", table + "\n")
+    cli.write_json(out / "results.json", {"args": vars(args), "complete": complete, "rows": rows,
+                                          "summary": {"|".join(map(str, k)): v for k, v in summary.items()}})
+    cli.write_stdout(table + "\n")
+    print(f"wrote {out}/results.jsonl, results.json, results.md and suite.png"
+          + ("" if complete else " (not complete: rerun the same command to continue)"), file=sys.stderr)
     return summary
 
 

@@ -200,6 +200,20 @@ class KVCache:
         self.k, self.v, self.pos = kept.k, kept.v, kept.pos
         self.room = [None] * len(self.k)  # free the old buffers now
 
+    @staticmethod
+    def stack(caches: list["KVCache"]) -> "KVCache":
+        """One batch of the rows of several caches (each of batch 1 or more), every layer padded at
+        the end to the widest with empty slots: rows decode together, each as it would alone."""
+        out = KVCache(len(caches[0].k))
+        for l in range(len(out.k)):
+            width = max(c.width(l) for c in caches)
+            pad = lambda t, value: F.pad(t, (0, 0, 0, width - t.shape[2]) if t.ndim == 4 else (0, width - t.shape[2]),
+                                         value=value)
+            out.k[l] = torch.cat([pad(c.k[l], 0.0) for c in caches])
+            out.v[l] = torch.cat([pad(c.v[l], 0.0) for c in caches])
+            out.pos[l] = torch.cat([pad(c.pos[l], -1) for c in caches])
+        return out
+
     def clone(self) -> "KVCache":
         out = KVCache(len(self.k))
         out.k, out.v, out.pos = [t.clone() for t in self.k], [t.clone() for t in self.v], [t.clone() for t in self.pos]
