@@ -115,7 +115,7 @@ def bench_length(model, tok, n, args, steps_fns, device, ref: G.Prefill | None =
     machine cannot pass for a difference."""
     ids = torch.tensor([prompt_ids(tok, n)], device=device)
     next_pos = torch.tensor([n], device=device)
-    window = max(args.window, 8)
+    window = max(lqc.EvictConfig(method=m, window=args.window).obs_window for m in args.methods)  # queries to keep
     rows, prefill_s, evict_s = [], [], {m: {b: [] for b in args.budgets} for m in args.methods}
     caches = {}
     for rep in range(args.reps):
@@ -125,7 +125,7 @@ def bench_length(model, tok, n, args, steps_fns, device, ref: G.Prefill | None =
         peak_prefill = peak_mb(device)
         for m in args.methods:
             state = pre
-            if m == "h2o":
+            if lqc.METHODS[m].needs_mass:
                 mass = G.prefill(model, ids, chunk=args.prefill_chunk, h2o=True).obs.mass
                 state = G.Prefill(pre.cache, replace(pre.obs, mass=mass))
             for b in args.budgets:

@@ -38,7 +38,7 @@ import model as M
 from test_lqc import hf_tiny, rand_ids, save_hf_dir
 
 NEW_TOKENS = 12
-METHODS = [m for m in lqc.METHOD_NAMES if m != "full"]
+METHODS = list(lqc.METHODS)
 
 
 @dataclass
@@ -61,7 +61,7 @@ def tokens(model, ids: list[int], cfg: lqc.EvictConfig, **run_kw) -> list[int]:
 def kept(model, ids: list[int], cfg: lqc.EvictConfig) -> list[torch.Tensor]:
     """The kept indices per layer, on the CPU."""
     x = torch.tensor([ids], device=model.tok_embeddings.weight.device)
-    pre = G.prefill(model, x, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o")
+    pre = G.prefill(model, x, keep_queries=cfg.obs_window, h2o=cfg.needs_mass)
     return [i.cpu() for i in G.evict(cfg, model, pre)[1]]
 
 

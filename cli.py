@@ -19,10 +19,9 @@ from pathlib import Path
 
 MAX_PROMPT_BYTES = 64 * 2**20  # more than any model's context holds; stops `--prompt-file /dev/zero`
 MIN_TEMPERATURE = 1e-6  # below this (denormals included) logits / temperature overflows; 0 means greedy
-MAX_POOL_KERNEL = 255  # pooling spreads a key's score over this many neighbours; more is no longer local
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
-WINDOW_FLAGS = {"snapkv": ["window"], "pyramidkv": ["window"], "adakv": ["window"], "h2o": ["window"],
-                "laq": ["window"], "laqpp": ["window", "window_laqpp"]}  # method -> windows that are part of the budget
+CONFIG_FLAGS = {"budget": "--budget", "window": "--window", "window_laqpp": "--window-laqpp",
+                "lookahead": "--lookahead", "kernel": "--pool-kernel", "pool": "--pool"}  # lqc.EvictConfig field -> flag
 
 
 class BadInput(ValueError):
@@ -188,40 +187,33 @@ def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | Non
         raise BadInput(f"--seed must be between -2**63 and 2**64-1 (got {seed})")
 
 
-def check_pool_kernel(kernel: int):
-    if not (1 <= kernel <= MAX_POOL_KERNEL and kernel % 2 == 1):
-        raise BadInput(f"--pool-kernel must be odd, from 1 to {MAX_POOL_KERNEL} (got {kernel}); 1 = no pooling")
-
-
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
 def evict_config(*, method: str, budget: int, window: int = 32, window_laqpp: int = 8, lookahead: int = 8,
                  kernel: int = 7, pool: str = "max", notes: list | None = None):
-    """lqc.EvictConfig from flags, with the window rule: a window is part of the budget, so a
-    window larger than the budget is clamped to it, and `notes` gets a line saying so (printed once
-    all input is checked, so that bad input still ends with exactly one line). Every kept entry is
-    then a recent one, which is what lqc keeps anyway when the window covers the budget."""
-    import lqc
-    positive("--budget", budget)
-    at_least("--window", window, 1)
-    at_least("--window-laqpp", window_laqpp, 1)  # 0 would be --method laq
-    at_least("--lookahead", lookahead, 1)
-    check_pool_kernel(kernel)
+    """lqc.EvictConfig from flags (its ranges are checked there, and named here by their flags),
+    with the window rule: a window is part of the budget, so a window larger than the budget is
+    clamped to it, and `notes` gets a line saying so (printed once all input is checked, so that bad
+    input still ends with exactly one line). Every kept entry is then a recent one, which is what
+    lqc keeps anyway when the window covers the budget."""
+    import dataclasses
+    import lqc  # torch: every caller has imported it by now; cli.py itself stays torch-free (quiet_ctrl_c)
     windows = dict(window=window, window_laqpp=window_laqpp)
-    clamped = [name for name in WINDOW_FLAGS.get(method, []) if windows[name] > budget]
+    try:
+        cfg = lqc.EvictConfig(method=method, budget=budget, lookahead=lookahead, kernel=kernel, pool=pool, **windows)
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise BadInput(CONFIG_FLAGS.get(field, field) + str(e)[len(field):]) from None
+    clamped = [name for name in (cfg.entry.windows if cfg.entry else ()) if windows[name] > budget]
     if clamped and notes is not None:
         what = (f"{method}'s lookahead runs on a copy of the cache holding only the {budget} most recent prompt entries"
-                if clamped == ["window"] and method in ("laq", "laqpp") else
+                if clamped == ["window"] and cfg.looks_ahead else
                 f"{method} keeps only the {budget} most recent prompt entries")
         notes.append(" and ".join(f"{flag_name(n)} {windows[n]}" for n in clamped)
                      + f" > --budget {budget}: clamped to {budget}; {what}")
-    windows.update({name: budget for name in clamped})
-    try:
-        return lqc.EvictConfig(method=method, budget=budget, lookahead=lookahead, kernel=kernel, pool=pool, **windows)
-    except ValueError as e:  # lqc's own checks, in case they grow beyond the ones above
-        raise BadInput(str(e)) from None
+    return dataclasses.replace(cfg, **{name: budget for name in clamped})
 
 
 def check_grid(methods: list[str], budgets: list[int], notes: list, **flags):

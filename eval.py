@@ -196,6 +196,10 @@ def longbench_task(line: str, where: str) -> Task:
         r = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadInput(f"{where} is not JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise BadInput(f"{where} nests too deeply to read (a JSON object of context / input / answers is flat)") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        raise BadInput(f"{where} cannot be read: {str(e).splitlines()[0][:120]}") from None
     if not isinstance(r, dict):
         raise BadInput(f"{where} is not a JSON object")
     answers, question = r.get("answers"), r.get("input")
@@ -321,10 +325,21 @@ def kl_mean(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()
 
 
+def needs_mass(methods) -> bool:
+    """Whether a method among these reads the attention mass of every prompt query (H2O)."""
+    return any(lqc.METHODS[m].needs_mass for m in methods if m in lqc.METHODS)
+
+
+def query_window(args, methods) -> int:
+    """Trailing prompt queries prefill must keep for every method compared (windows as given: the
+    window rule only ever shrinks them)."""
+    return max(lqc.EvictConfig(method=m, window=args.window, window_laqpp=args.window_laqpp).obs_window for m in methods)
+
+
 def with_h2o_mass(model, x, pre, methods, chunk) -> G.Prefill:
-    """pre, with the attention mass of every prompt query when H2O is among the methods: it comes
+    """pre, with the attention mass of every prompt query when a method needs it (H2O): it comes
     from a second, instrumented prefill (the first one stays as fast as generate.py's)."""
-    if "h2o" not in methods:
+    if not needs_mass(methods):
         return pre
     return G.Prefill(pre.cache, replace(pre.obs, mass=G.prefill(model, x, chunk=chunk, h2o=True).obs.mass))
 
@@ -341,7 +356,7 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
     L, dev = len(ids), model.tok_embeddings.weight.device
     x = torch.tensor([ids], device=dev)
     t0 = time.perf_counter()
-    pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp))
+    pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=query_window(args, methods))
     prefill_s = time.perf_counter() - t0
     pre = with_h2o_mass(model, x, pre, methods, args.prefill_chunk)
     last = ids[-1]
@@ -407,7 +422,7 @@ def evaluate_long_answer(model, tok, task: Task, methods, limits, args) -> list[
     ids = task_prompt_ids(tok, task)
     L, dev = len(ids), model.tok_embeddings.weight.device
     x = torch.tensor([ids], device=dev)
-    pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp))
+    pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=query_window(args, methods))
     pre = with_h2o_mass(model, x, pre, methods, args.prefill_chunk)
     n, eos = args.answer_tokens, tok.eos_ids
     t0 = time.perf_counter()
@@ -457,9 +472,8 @@ def evaluate_sample(model, tok, s: ruler.Sample, methods, budgets, args) -> list
     ids = task_prompt_ids(tok, s)
     L, dev, eos = len(ids), model.tok_embeddings.weight.device, tok.eos_ids
     t0 = time.perf_counter()
-    pre = G.prefill(model, torch.tensor([ids], device=dev), chunk=args.prefill_chunk, h2o="h2o" in methods,
-                    keep_queries=max(lqc.EvictConfig(method=m, window=args.window, window_laqpp=args.window_laqpp).obs_window
-                                     for m in methods))
+    pre = G.prefill(model, torch.tensor([ids], device=dev), chunk=args.prefill_chunk, h2o=needs_mass(methods),
+                    keep_queries=query_window(args, methods))
     G.sync(dev)
     prefill_s, last, mode = time.perf_counter() - t0, ids[-1], args.first_token
     full_out = greedy(model, pre.cache, pre.obs.logits, last, L, mode, s.max_new, eos)
@@ -467,7 +481,7 @@ def evaluate_sample(model, tok, s: ruler.Sample, methods, budgets, args) -> list
     full_tf = continuation_logits(model, pre.cache, pre.obs.logits, last, forced, L, mode)  # [n, V]
     ref = reference_mass(model, pre, full_out, L, args.recall_queries)
     base = dict(task=s.name, length=s.length, prompt_tokens=L, depth=s.depth, haystack=s.haystack, seed=s.seed,
-                prefill_s=prefill_s, h2o_prefill="h2o" in methods, first_token=mode)
+                prefill_s=prefill_s, h2o_prefill=needs_mass(methods), first_token=mode)
     rows = [base | suite_row(tok, s, "full", L, full_out, full_out, None, 1.0, 0.0)] if "full" in methods else []
     grid = suite_grid(methods, budgets)
     if not grid:
@@ -687,7 +701,7 @@ def plot_suite(summary, methods, budgets, caption: str, at_budget: int, path: Pa
 def draw_curve(ax, method: str, pts: list):
     if not pts:
         return
-    color, marker, ls = STYLE[method]
+    color, marker, ls = style(method)
     xs = [x for x, _ in pts]
     ax.plot(xs, [p["acc"] for _, p in pts], color=color, marker=marker, ls=ls or "-", markerfacecolor="none",
             label=method)
@@ -735,11 +749,12 @@ def markdown_table(summary: dict, methods, budgets) -> str:
     return "\n".join(lines)
 
 
-# One look per method in every figure: lines that lie on each other stay apart by marker and style
-# (LAQ / LAQ++ solid, the SnapKV family dash-dot, H2O / StreamingLLM dotted).
-STYLE = {"full": ("k", "", "--"), "streaming": ("tab:gray", "v", ":"), "h2o": ("tab:brown", "^", ":"),
-         "snapkv": ("tab:blue", "s", "-."), "pyramidkv": ("tab:cyan", "D", "-."), "adakv": ("tab:purple", "P", "-."),
-         "laq": ("tab:orange", "o", "-"), "laqpp": ("tab:red", "*", "-")}
+FULL_STYLE = ("k", "", "--")  # the full cache: a dashed black line; each method's look is in its lqc.METHODS entry
+
+
+def style(method: str) -> tuple:
+    """(color, marker, line style): lines that lie on each other stay apart by marker and style."""
+    return FULL_STYLE if method == "full" else lqc.METHODS[method].style
 
 
 def pyplot():
@@ -768,7 +783,7 @@ def plot_accuracy(summary, methods, budgets, caption: str, path: Path, metrics=(
     curves = [m for m in methods if m != "full"]
     for ax, metric in zip(axes, metrics):
         for k, m in enumerate(curves):
-            color, marker, ls = STYLE[m]
+            color, marker, ls = style(m)
             dodge = 2 ** (0.03 * (k - (len(curves) - 1) / 2))  # equal points side by side, not on top
             ax.plot([b * dodge for b in budgets], [summary[(m, b)][metric] for b in budgets], color=color, ls=ls,
                     marker=marker, markersize=8, markerfacecolor="none", markeredgewidth=1.5, label=m)
@@ -835,8 +850,8 @@ def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
     methods = [m for m in methods if m != "full"]
     fig, axes = plt.subplots(len(methods), 1, figsize=(10, 0.6 + 1.6 * len(methods)), squeeze=False)
     for ax, m in zip(axes[:, 0], methods):
-        pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=max(args.window, args.window_laqpp),
-                        h2o=m == "h2o")
+        pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=query_window(args, [m]),
+                        h2o=needs_mass([m]))
         _, indices = G.evict(evict_config(args, m, budget), model, pre, eos_ids=tok.eos_ids)
         rows = torch.zeros(len(indices) * indices[0].shape[1], L)
         for l, idx in enumerate(indices):
@@ -884,7 +899,7 @@ def parse_args(argv=None):
                                              "x length, the depths and the two haystacks taking turns")
     p.add_argument("--minutes", type=float, help="--suite: start no prompt that would end after this many minutes "
                                                 "(measured per length); rerun the same command to continue")
-    p.add_argument("--methods", nargs="+", default=list(lqc.METHOD_NAMES), choices=lqc.METHOD_NAMES, help="methods to compare")
+    p.add_argument("--methods", nargs="+", default=list(lqc.method_names()), choices=lqc.method_names(), help="methods to compare")
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256], help="kept entries per KV head per layer")
     p.add_argument("--first-token", default="redecode", choices=["redecode", "prefill"],
                    help="redecode: the last prompt token is re-run on the evicted cache (see the top of eval.py)")

@@ -1,7 +1,7 @@
 """Prefill -> evict -> decode, and the command line.
 
     python generate.py --ckpt llama --budget 256 --prompt "..."
-    python generate.py --method laqpp --budget 128 --prompt-file doc.txt
+    python generate.py --method laqpp --budget 128 --prompt-file examples/doc.txt
     python generate.py --method snapkv --budget 128 --cache-limit 512 --max-new-tokens 2048   # bounded memory
 
 Stdout carries only the generated text, streamed; a one-line summary goes to stderr.
@@ -396,28 +396,29 @@ class Evictor:
         self.cfg, self.limit, self.every, self.inner = cfg, limit, every, step
         if isinstance(cache, M.KVCache):
             cache.max_width = limit  # its appends allocate no room past the limit either
-        self.kind = lqc.METHODS[cfg.method].scores
+        entry = lqc.METHODS[cfg.method]
+        self.needs_mass, self.needs_queries = entry.needs_mass, entry.needs_queries
         self.seconds, self.evictions = 0.0, 0
         self.mass = None
-        self.queries = deque(maxlen=None if self.kind == "h2o" else cfg.window)  # (per layer [B, H_q, 1, D], pos [B, 1])
-        if self.kind == "h2o":  # the prompt queries' mass, moved to the decode cache's layout
+        self.queries = deque(maxlen=None if self.needs_mass else cfg.window)  # (per layer [B, H_q, 1, D], pos [B, 1])
+        if self.needs_mass:  # the prompt queries' mass, moved to the decode cache's layout
             self.mass = [lqc.carry(m, p, c) for m, p, c in zip(obs.mass, prompt_pos, cache.pos)]
-        elif self.kind != "streaming":
+        elif self.needs_queries:
             self.queries.extend(([q[:, :, t:t + 1] for q in obs.obs_q], obs.obs_pos[:, t:t + 1])
                                 for t in range(obs.obs_pos.shape[1]))
 
     def step(self, tokens, pos, cache):
         logits, q = self.inner(tokens, pos, cache)
-        if self.kind != "streaming":
+        if self.needs_mass or self.needs_queries:
             self.queries.append((q, pos))  # fresh tensors: make_step copies them out of a CUDA graph
         return logits
 
     def __call__(self, cache, n: int = 1):
         full = int(cache.kept().max()) + n > self.limit
-        if full or self.kind == "h2o" and len(self.queries) >= self.every:
+        if full or self.needs_mass and len(self.queries) >= self.every:
             sync(cache.k[0].device)
             t = time.perf_counter()
-            if self.kind == "h2o":
+            if self.needs_mass:
                 self.add_mass(cache)
             if full:
                 self.evict(cache, self.limit - max(self.every, n))
@@ -437,7 +438,7 @@ class Evictor:
         self.queries.clear()
 
     def evict(self, cache, keep: int):
-        q, q_pos = self.stacked_queries() if self.kind not in ("h2o", "streaming") else (None, None)
+        q, q_pos = self.stacked_queries() if self.needs_queries else (None, None)
         indices = lqc.plan_limit(self.cfg, keep, keys=cache.k, positions=cache.pos, queries=q, q_pos=q_pos,
                                  mass=self.mass)
         cache.compact(indices)
@@ -512,18 +513,20 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
     stats = Stats(prompt_tokens=x.shape[1], cache_limit=cache_limit)
     if verify not in (None, "full"):
         raise ValueError(f"verify={verify!r}: None (no verification) or 'full'")
-    k = draft_tokens(cfg, reuse, verify, draft_len)
+    k = draft_tokens(cfg, reuse, verify, min(draft_len, max_new_tokens))  # a round never drafts past the answer
     room = max_new_tokens + 2 * k + 1  # a round may feed k tokens past the end (see decode)
     if cache_limit is not None:
         check_limit(cfg, cache_limit, evict_every, verify, draft=k)
         cfg = replace(cfg, budget=min(cfg.budget, cache_limit))
-        room = cache_limit - cfg.budget  # capacity = the limit (the evictor makes room before each round)
+        # capacity = the limit (the evictor makes room before each round), or what the run can ever
+        # hold (prompt + answer + a round's draft) when the limit is above that
+        room = min(cache_limit, x.shape[1] + room) - cfg.budget
     fp = None
     if fast or compile:
         fp = FastPath(step or make_step(model, compile), max(room, cfg.lookahead), flex=compile and flex_available(device))
     sync(device)  # on CUDA, the stages' times are the GPU's, not the launches'
     t0 = time.perf_counter()
-    pre = prefill(model, x, chunk=prefill_chunk, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o",
+    pre = prefill(model, x, chunk=prefill_chunk, keep_queries=cfg.obs_window, h2o=cfg.needs_mass,
                   pad=pad if pad.any() else None)
     sync(device)
     t1 = time.perf_counter()
@@ -687,7 +690,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations; bfloat16 on a GPU")
-    p.add_argument("--method", default="laqpp", choices=lqc.METHOD_NAMES, help="the eviction policy (full: none)")
+    p.add_argument("--method", default="laqpp", choices=lqc.method_names(), help="the eviction policy (full: none)")
     p.add_argument("--budget", type=int, default=256, help="kept prompt entries per KV head per layer (> 0)")
     p.add_argument("--window", type=int, default=32,
                    help="observation window (SnapKV, PyramidKV, Ada-KV, LAQ's SnapKV copy) / recent window (H2O); "
@@ -696,7 +699,7 @@ def parse_args(argv=None):
     p.add_argument("--lookahead", type=int, default=8,
                    help="pseudo tokens of LAQ / LAQ++ (>= 1); prompt + this must fit the model's context")
     p.add_argument("--pool", default="max", choices=["max", "avg"], help="1-D pooling of the scores along positions")
-    p.add_argument("--pool-kernel", type=int, default=7, help=f"odd, 1 to {cli.MAX_POOL_KERNEL}; 1 = no pooling")
+    p.add_argument("--pool-kernel", type=int, default=7, help=f"odd, 1 to {lqc.MAX_POOL_KERNEL}; 1 = no pooling")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="tokens per prefill forward, > 0 (default: the whole prompt in one causal pass; 512 for padded "
                         "batches and H2O)")

@@ -17,8 +17,10 @@ SnapKV-compressed copy of the cache (`lookahead`, over any step function you giv
 the prompt keys with the pseudo tokens' queries, which resemble the queries of the real answer
 more than the prompt's own queries do.
 
-`METHODS` is the table of policies: per method its score, the positions it keeps anyway at the
-end, and how budgets are allocated across layers and heads. `plan_eviction` reads it.
+`METHODS` is the table of policies: per method everything the rest of the project asks of it (its
+prompt-time score, the positions it keeps anyway, its decode-time rule under a cache limit, what
+prefill must keep for it, its budgets across layers and heads, its label and plot style). Adding a
+method is one entry plus its score function; `plan_eviction` and `plan_limit` read the entry.
 """
 from __future__ import annotations
 
@@ -71,21 +73,23 @@ def pool_scores(scores: torch.Tensor, kernel: int = 7, kind: str = "max") -> tor
     return F.avg_pool1d(scores, kernel, stride=1, padding=kernel // 2)
 
 
-def _pool_before_window(scores, window, kernel, kind):
-    # the last `window` keys are kept anyway (select's keep_last) and take no part in pooling
+def _pool_before_window(scores, k_pos, window, kernel, kind):
+    # the last `window` keys are kept anyway (select's keep_last) and take no part in pooling;
+    # empty slots score -inf after pooling (a neighbour's pooled score would spill onto them)
     L = scores.shape[-1]
     window = min(window, L)
     head = pool_scores(scores[..., : L - window], kernel, kind)
-    return torch.cat([head, torch.full_like(scores[..., L - window:], float("inf"))], dim=-1)
+    out = torch.cat([head, torch.full_like(scores[..., L - window:], float("inf"))], dim=-1)
+    return out.masked_fill(k_pos < 0, float("-inf"))
 
 
 def score_snapkv(q_obs, k, q_pos, k_pos, *, window=32, kernel=7, pool="max"):
     """SnapKV: attention from the last `window` prompt queries, pooled over the keys before the
-    window; the window scores +inf. q_obs `[B, H_q, >=window, D]`, q_pos `[B, >=window]`,
-    k `[B, H_kv, L, D]`, k_pos `[B, H_kv, L]` -> `[B, H_kv, L]`."""
+    window; the window scores +inf, empty slots -inf. q_obs `[B, H_q, >=window, D]`, q_pos
+    `[B, >=window]`, k `[B, H_kv, L, D]`, k_pos `[B, H_kv, L]` -> `[B, H_kv, L]`."""
     window = min(window, q_obs.shape[2])
     scores = attention_mass(q_obs[:, :, -window:], k, q_pos[:, -window:], k_pos)
-    return _pool_before_window(scores, window, kernel, pool)
+    return _pool_before_window(scores, k_pos, window, kernel, pool)
 
 
 def score_laq(pseudo_q, k, pseudo_pos, k_pos, *, suffix_q=None, suffix_pos=None, kernel=7, pool="max"):
@@ -95,13 +99,13 @@ def score_laq(pseudo_q, k, pseudo_pos, k_pos, *, suffix_q=None, suffix_pos=None,
     q, pos, window = pseudo_q, pseudo_pos, 0
     if suffix_q is not None:
         q, pos, window = torch.cat([suffix_q, pseudo_q], 2), torch.cat([suffix_pos, pseudo_pos], 1), suffix_q.shape[2]
-    return _pool_before_window(attention_mass(q, k, pos, k_pos), window, kernel, pool)
+    return _pool_before_window(attention_mass(q, k, pos, k_pos), k_pos, window, kernel, pool)
 
 
-def score_h2o(mass: torch.Tensor, window: int = 32) -> torch.Tensor:
+def score_h2o(mass: torch.Tensor, k_pos: torch.Tensor, window: int = 32) -> torch.Tensor:
     """H2O heavy hitters: the attention mass each key received from all prompt queries (see
-    `accumulate_mass`), plus a recent window that scores +inf. `[B, H_kv, L]` -> `[B, H_kv, L]`."""
-    return _pool_before_window(mass, window, 1, "max")
+    `accumulate_mass`), plus a recent window that scores +inf. mass, k_pos `[B, H_kv, L]` -> same."""
+    return _pool_before_window(mass, k_pos, window, 1, "max")
 
 
 def accumulate_mass(mass: torch.Tensor | None, q, k, q_pos, k_pos) -> torch.Tensor:
@@ -114,8 +118,9 @@ def accumulate_mass(mass: torch.Tensor | None, q, k, q_pos, k_pos) -> torch.Tens
 
 def score_streaming(k_pos: torch.Tensor, sinks: int = 4) -> torch.Tensor:
     """StreamingLLM: the first `sinks` positions (attention sinks) score above the rest, earliest
-    highest; keep the recent ones with select's keep_last = budget - sinks. `[B, H_kv, L]` -> same."""
-    return (sinks - k_pos).clamp(min=0).float()
+    highest, empty slots -inf; keep the recent ones with select's keep_last = budget - sinks.
+    `[B, H_kv, L]` -> same."""
+    return (sinks - k_pos).clamp(min=0).float().masked_fill(k_pos < 0, float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,14 +185,25 @@ def pool_valid(scores: torch.Tensor, k_pos: torch.Tensor, kernel: int = 7, kind:
 
 def score_limit(cfg: "EvictConfig", k, k_pos, keep: int, *, q=None, q_pos=None, mass=None) -> torch.Tensor:
     """Decode-time scores of every cached entry of one layer, for a cache shrinking to `keep`
-    entries per KV head (see `plan_limit`). k `[B, H_kv, S, D]`, k_pos `[B, H_kv, S]`; q `[B, H_q, w, D]`
-    at q_pos `[B, w]`: the last decode queries; mass `[B, H_kv, S]`: H2O's totals. -> `[B, H_kv, S]`."""
-    kind = METHODS[cfg.method].scores
-    if kind == "streaming":
-        sinks = min(cfg.sinks, keep)
-        return keep_recent(score_streaming(k_pos, sinks), k_pos, keep - sinks)
-    if kind == "h2o":
-        return keep_recent(mass, k_pos, min(cfg.window, keep))
+    entries per KV head (see `plan_limit`): the method's `limit_scores`. k `[B, H_kv, S, D]`,
+    k_pos `[B, H_kv, S]`; q `[B, H_q, w, D]` at q_pos `[B, w]`: the last decode queries; mass
+    `[B, H_kv, S]`: H2O's totals. -> `[B, H_kv, S]`."""
+    return METHODS[cfg.method].limit_scores(cfg, k, k_pos, keep, q=q, q_pos=q_pos, mass=mass)
+
+
+def limit_streaming(cfg, k, k_pos, keep, *, q=None, q_pos=None, mass=None):
+    """The sinks and the newest keep - sinks positions."""
+    sinks = min(cfg.sinks, keep)
+    return keep_recent(score_streaming(k_pos, sinks), k_pos, keep - sinks)
+
+
+def limit_h2o(cfg, k, k_pos, keep, *, q=None, q_pos=None, mass=None):
+    """The `window` newest plus the heaviest others by the mass accumulated over prompt and decode queries."""
+    return keep_recent(mass, k_pos, min(cfg.window, keep))
+
+
+def limit_attention(cfg, k, k_pos, keep, *, q=None, q_pos=None, mass=None):
+    """The `window` newest plus the others that the last decode queries attend to most, pooled."""
     scores = pool_valid(attention_mass(q, k, q_pos, k_pos), k_pos, cfg.kernel, cfg.pool)
     return keep_recent(scores, k_pos, min(cfg.window, keep))
 
@@ -195,14 +211,13 @@ def score_limit(cfg: "EvictConfig", k, k_pos, keep: int, *, q=None, q_pos=None, 
 def plan_limit(cfg: "EvictConfig", keep: int, *, keys: list, positions: list, queries: list | None = None,
                q_pos: torch.Tensor | None = None, mass: list | None = None) -> list:
     """Kept indices per layer `[B, H_kv, keep]` (sorted; for `gather`) when a full cache must shrink
-    to `keep` entries per KV head during decoding. Per method:
-      streaming: the sinks and the newest keep - sinks positions;
-      h2o: the `window` newest plus the heaviest others by the attention mass accumulated over
-           prompt and decode queries (`accumulate_mass`), as H2O does;
-      snapkv, pyramidkv, adakv, laq, laqpp: the `window` newest plus the others that the last
-           decode queries `[B, H_q, w, D]` (per layer, at q_pos `[B, w]`) attend to most, pooled.
-           The real answer's queries are what LAQ's pseudo queries stood in for; PyramidKV's and
-           Ada-KV's shares shaped the prompt's budget, the limit is the same for every head.
+    to `keep` entries per KV head during decoding, by the method's `limit_scores` (the table's
+    entry): StreamingLLM keeps sinks and the newest entries; H2O the newest and the heaviest by
+    the attention mass accumulated over prompt and decode queries (`accumulate_mass`), as H2O
+    does; the SnapKV family and LAQ the newest and those the last decode queries `[B, H_q, w, D]`
+    (per layer, at q_pos `[B, w]`) attend to most, pooled. The real answer's queries are what
+    LAQ's pseudo queries stood in for; PyramidKV's and Ada-KV's shares shaped the prompt's budget,
+    the limit is the same for every head.
     keys / positions: the cache per layer `[B, H_kv, S, D]` / `[B, H_kv, S]`."""
     n = len(keys)
     queries, mass = queries or [None] * n, mass or [None] * n
@@ -272,8 +287,11 @@ def lookahead(step: Step, logits: torch.Tensor, next_pos: torch.Tensor, n: int, 
     post-RoPE queries `[B, H_q, 1, D]`; the step appends to a cache the caller owns (a compressed
     copy: the real cache is not touched). The first pseudo token is the argmax of `logits` `[B, V]`
     (the prefill logits), at position next_pos `[B]`; then next_pos + 1, ... The lookahead stops at
-    EOS: a row whose pseudo token is EOS feeds nothing further (its first token is always fed, so
-    every row has a query), and in a batch its later positions are -1 (a query that sees nothing).
+    EOS: once every row has reached it, nothing more is fed. In a batch, a row that reached EOS
+    before the others is still stepped with the rest (one batched step for all rows), but the
+    queries of its later steps get position -1 (a query that sees nothing, scoring nothing) and
+    its entries land only in the caller's scratch cache; its first token is always fed, so every
+    row has a query.
     Returns each layer's queries `[B, H_q, n', D]`, their positions `[B, n']`, n' <= n, and the
     pseudo tokens `[B, n' + 1]`: the n' fed ones and the greedy choice after the last, a draft that
     speculative decoding can check (a row's tokens after its EOS mean nothing)."""
@@ -296,7 +314,11 @@ def lookahead(step: Step, logits: torch.Tensor, next_pos: torch.Tensor, n: int, 
 
 
 # ----------------------------------------------------------------------------------------------
-# The methods
+# The methods: each one entry of METHODS (a `Method`) plus its score function; the rest of lqc and
+# of the project reads the entry and never compares method names
+
+MAX_POOL_KERNEL = 255  # pooling spreads a key's score over this many neighbours; more is no longer local
+
 
 @dataclass(kw_only=True)
 class EvictConfig:
@@ -312,48 +334,40 @@ class EvictConfig:
     alpha: float = 0.2  # Ada-KV floor
 
     def __post_init__(self):
-        if self.method not in METHOD_NAMES:
-            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHOD_NAMES)}")
-        if self.budget <= 0:
+        """Every range, checked here only (the command lines turn these errors into flag names)."""
+        if self.method not in method_names():
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(method_names())}")
+        if not self.budget > 0:
             raise ValueError(f"budget must be > 0 (got {self.budget})")
         if self.pool not in ("max", "avg"):
             raise ValueError(f"pool must be max or avg (got {self.pool!r})")
-        for name, low in (("window", 1), ("window_laqpp", 0), ("lookahead", 1), ("kernel", 1), ("sinks", 0)):
-            if getattr(self, name) < low:
+        # window_laqpp 0 would be LAQ: a method of its own
+        for name, low in (("window", 1), ("window_laqpp", 1), ("lookahead", 1), ("sinks", 0)):
+            if not getattr(self, name) >= low:
                 raise ValueError(f"{name} must be >= {low} (got {getattr(self, name)})")
-        if self.kernel % 2 == 0:
-            raise ValueError(f"pool kernel must be odd, so pooling keeps the length (got {self.kernel})")
+        if not (1 <= self.kernel <= MAX_POOL_KERNEL and self.kernel % 2 == 1):
+            raise ValueError(f"kernel must be odd, so pooling keeps the length, from 1 to {MAX_POOL_KERNEL} "
+                             f"(got {self.kernel}); 1 = no pooling")
+
+    @property
+    def entry(self) -> "Method | None":
+        """The method's table entry; None for the full cache."""
+        return METHODS.get(self.method)
 
     @property
     def looks_ahead(self) -> bool:
-        """LAQ and LAQ++: the method decodes pseudo tokens before it evicts."""
-        m = METHODS.get(self.method)
-        return m is not None and m.scores == "laq"
+        """The method decodes pseudo tokens before it evicts (LAQ)."""
+        return self.entry is not None and self.entry.lookahead
+
+    @property
+    def needs_mass(self) -> bool:
+        """Prefill (and decoding, under a limit) accumulates H2O's attention mass of every query."""
+        return self.entry is not None and self.entry.needs_mass
 
     @property
     def obs_window(self) -> int:
         """How many trailing prompt queries the policy needs from prefill."""
-        m = METHODS.get(self.method)
-        return max(self.window, m.keep_last(self)) if m and m.scores in ("snapkv", "laq") else 0
-
-
-@dataclass(frozen=True)
-class Method:
-    scores: str  # what scores the keys: streaming | h2o | snapkv | laq (pseudo queries, after a lookahead)
-    keep_last: Callable[[EvictConfig], int]  # trailing prompt positions kept anyway
-    budgets: str = "uniform"  # across layers and heads: uniform | pyramid (per layer) | adakv (per head)
-
-
-METHODS = {  # "full" evicts nothing and has no entry
-    "streaming": Method("streaming", lambda c: c.budget - min(c.sinks, c.budget)),
-    "h2o": Method("h2o", lambda c: c.window),
-    "snapkv": Method("snapkv", lambda c: c.window),
-    "pyramidkv": Method("snapkv", lambda c: c.window, budgets="pyramid"),
-    "adakv": Method("snapkv", lambda c: c.window, budgets="adakv"),
-    "laq": Method("laq", lambda c: 0),
-    "laqpp": Method("laq", lambda c: c.window_laqpp),
-}
-METHOD_NAMES = ("full", *METHODS)
+        return 0 if self.entry is None else self.entry.query_window(self)
 
 
 @dataclass
@@ -364,6 +378,75 @@ class Observation:
     obs_q: list | None = None  # per layer, the last prompt queries [B, H_q, w, D] (SnapKV family, LAQ)
     obs_pos: torch.Tensor | None = None  # [B, w]
     mass: list | None = None  # per layer, H2O's accumulated attention [B, H_kv, L]
+
+
+# Prompt-time scores: (cfg, obs, keys, positions) -> per layer [B, H_kv, L], empty slots -inf
+
+def scores_streaming(cfg, obs, keys, positions):
+    return [score_streaming(p, cfg.sinks) for p in positions]
+
+
+def scores_h2o(cfg, obs, keys, positions):
+    return [score_h2o(m, p, cfg.window) for m, p in zip(obs.mass, positions)]
+
+
+def scores_snapkv(cfg, obs, keys, positions):
+    return [score_snapkv(q, k, obs.obs_pos, p, window=cfg.window, kernel=cfg.kernel, pool=cfg.pool)
+            for q, k, p in zip(obs.obs_q, keys, positions)]
+
+
+# Budgets across layers and heads: (cfg, scores per layer, keep_last) -> per layer an int or [B, H_kv]
+
+def allocate_uniform(cfg, scores, keep_last):
+    return [cfg.budget] * len(scores)
+
+
+def allocate_pyramid(cfg, scores, keep_last):
+    return budgets_pyramid(len(scores), cfg.budget, keep_last, cfg.beta)
+
+
+def allocate_adakv(cfg, scores, keep_last):
+    return [budgets_adakv(s, cfg.budget, keep_last, cfg.alpha) for s in scores]
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything the project asks of a method."""
+    label: str  # in tables and figure legends
+    scores: Callable  # prompt-time scores (see scores_*); with `lookahead`, those of LAQ's SnapKV copy
+    keep_last: Callable[[EvictConfig], int]  # trailing prompt positions kept anyway
+    limit_scores: Callable  # decode-time scores under a cache limit (see limit_*)
+    allocate: Callable = allocate_uniform  # the budget across layers and heads (see allocate_*)
+    lookahead: bool = False  # rescore with the queries of pseudo tokens decoded on the SnapKV copy (LAQ)
+    needs_mass: bool = False  # prefill and decoding accumulate the attention mass of every query (H2O)
+    needs_queries: bool = False  # the decode-time rule reads the last `window` decode queries
+    query_window: Callable[[EvictConfig], int] = lambda c: 0  # trailing prompt queries prefill keeps
+    windows: tuple = ()  # EvictConfig fields that are part of the budget: clamped to it (the window rule)
+    style: tuple = ("tab:gray", "o", "-")  # color, marker, line style in figures
+
+
+_SNAP = dict(scores=scores_snapkv, keep_last=lambda c: c.window, limit_scores=limit_attention, needs_queries=True,
+             query_window=lambda c: c.window, windows=("window",))
+METHODS = {  # "full" evicts nothing and has no entry
+    "streaming": Method(label="StreamingLLM", scores=scores_streaming, limit_scores=limit_streaming,
+                        keep_last=lambda c: c.budget - min(c.sinks, c.budget), style=("tab:gray", "v", ":")),
+    "h2o": Method(label="H2O", scores=scores_h2o, keep_last=lambda c: c.window, limit_scores=limit_h2o,
+                  needs_mass=True, windows=("window",), style=("tab:brown", "^", ":")),
+    "snapkv": Method(label="SnapKV", **_SNAP, style=("tab:blue", "s", "-.")),
+    "pyramidkv": Method(label="PyramidKV", **_SNAP, allocate=allocate_pyramid, style=("tab:cyan", "D", "-.")),
+    "adakv": Method(label="Ada-KV", **_SNAP, allocate=allocate_adakv, style=("tab:purple", "P", "-.")),
+    "laq": Method(label="LAQ", **_SNAP | dict(keep_last=lambda c: 0), lookahead=True, style=("tab:orange", "o", "-")),
+    "laqpp": Method(label="LAQ++", **_SNAP | dict(keep_last=lambda c: c.window_laqpp,
+                                                  query_window=lambda c: max(c.window, c.window_laqpp),
+                                                  windows=("window", "window_laqpp")),
+                    lookahead=True, style=("tab:red", "*", "-")),
+}
+
+
+def method_names() -> tuple:
+    """Every name --method takes: "full" (no eviction) and the table's methods, read when asked, so
+    an entry added to METHODS is a method everywhere."""
+    return ("full", *METHODS)
 
 
 def plan_eviction(cfg: EvictConfig, obs: Observation, *, keys: list, positions: list,
@@ -380,40 +463,25 @@ def plan_eviction(cfg: EvictConfig, obs: Observation, *, keys: list, positions: 
         return None
     method = METHODS[cfg.method]
     keep_last = method.keep_last(cfg)
-    scores = method_scores(cfg, method, obs, keys, positions, lookahead_step, eos_ids, on_pseudo)
-    if method.budgets == "pyramid":
-        budgets = budgets_pyramid(len(scores), cfg.budget, keep_last, cfg.beta)
-    elif method.budgets == "adakv":
-        budgets = [budgets_adakv(s, cfg.budget, keep_last, cfg.alpha) for s in scores]
-    else:
-        budgets = [cfg.budget] * len(scores)
-    indices = [select(s, b, keep_last) for s, b in zip(scores, budgets)]
+    scores = method.scores(cfg, obs, keys, positions)
+    if method.lookahead:
+        scores = lookahead_scores(cfg, obs, keys, positions, scores, lookahead_step, eos_ids, on_pseudo)
+    indices = [select(s, b, keep_last) for s, b in zip(scores, method.allocate(cfg, scores, keep_last))]
     return keep_short_rows(indices, positions[0], cfg.budget)
 
 
-def method_scores(cfg, method, obs, keys, positions, lookahead_step, eos_ids, on_pseudo=None) -> list:
-    """Scores per layer `[B, H_kv, L]`, empty slots at -inf (never kept while a real entry is left)."""
-    if method.scores == "streaming":
-        raw = [score_streaming(p, cfg.sinks) for p in positions]
-    elif method.scores == "h2o":
-        raw = [score_h2o(m, cfg.window) for m in obs.mass]
-    else:
-        raw = [score_snapkv(q, k, obs.obs_pos, p, window=cfg.window, kernel=cfg.kernel, pool=cfg.pool)
-               for q, k, p in zip(obs.obs_q, keys, positions)]
-    raw = [s.masked_fill(p < 0, float("-inf")) for s, p in zip(raw, positions)]
-    if method.scores != "laq":
-        return raw
-    # LAQ: pseudo tokens decoded on a SnapKV copy of the cache at the same budget score the keys
-    snap_kept = [select(s, cfg.budget, cfg.window) for s in raw]
+def lookahead_scores(cfg, obs, keys, positions, snap_scores, lookahead_step, eos_ids, on_pseudo=None) -> list:
+    """LAQ: pseudo tokens decoded on a SnapKV copy of the cache at the same budget score the keys;
+    LAQ++ adds the last keep_last prompt queries. -> per layer `[B, H_kv, L]`."""
+    snap_kept = [select(s, cfg.budget, cfg.window) for s in snap_scores]
     pseudo_q, pseudo_pos, pseudo_tokens = lookahead(lookahead_step(snap_kept), obs.logits, obs.next_pos,
                                                     cfg.lookahead, eos_ids)
     if on_pseudo is not None:
         on_pseudo(pseudo_tokens)
-    w2 = method.keep_last(cfg)
+    w2 = METHODS[cfg.method].keep_last(cfg)
     suffix = [(q[:, :, -w2:], obs.obs_pos[:, -w2:]) if w2 else (None, None) for q in obs.obs_q]
-    raw = [score_laq(pq, k, pseudo_pos, p, suffix_q=sq, suffix_pos=sp, kernel=cfg.kernel, pool=cfg.pool)
-           for pq, k, p, (sq, sp) in zip(pseudo_q, keys, positions, suffix)]
-    return [s.masked_fill(p < 0, float("-inf")) for s, p in zip(raw, positions)]
+    return [score_laq(pq, k, pseudo_pos, p, suffix_q=sq, suffix_pos=sp, kernel=cfg.kernel, pool=cfg.pool)
+            for pq, k, p, (sq, sp) in zip(pseudo_q, keys, positions, suffix)]
 
 
 def keep_short_rows(indices: list, pos: torch.Tensor, budget: int) -> list:

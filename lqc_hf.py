@@ -152,8 +152,8 @@ class LQCPress(_base_press()):
     @contextmanager
     def __call__(self, model):
         busy = [False]
-        window = max(self.options.get("window", 32), self.options.get("window_laqpp", 8))
-        keep = None if self.method == "h2o" else window  # H2O needs every prompt query
+        cfg = lqc.EvictConfig(method=self.method, **self.options)
+        keep = None if cfg.needs_mass else max(cfg.obs_window, 1)  # H2O needs every prompt query
 
         def after_prefill(module, args, kwargs, output):
             cache = kwargs.get("past_key_values")
@@ -191,7 +191,7 @@ class LQCPress(_base_press()):
         q_all = [q[-1] for q in queries]  # this forward's queries per layer [B, H_q, T, D]
         w = min(q_all[0].shape[2], max(cfg.obs_window, 1))
         mass = None
-        if cfg.method == "h2o":  # exact, one chunk of queries at a time
+        if cfg.needs_mass:  # exact, one chunk of queries at a time
             mass = [sum(lqc.attention_mass(q[:, :, s:s + 512], k, pos[:, s:s + 512], p)
                         for s in range(0, L, 512)) for q, k, p in zip(q_all, keys, positions)]
         logits = model.lm_head(hidden[:, -1:]).float()[:, -1]  # [B, V] the prefill logits

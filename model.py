@@ -296,6 +296,11 @@ class StaticKVCache(nn.Module):
         """Write k, v `[B, H_kv, T, D]` at positions `[B, T]` into each head's next free slots."""
         B, H, T, _ = k.shape
         kb, vb, pb, length = (self._buf(name, layer) for name in ("k", "v", "pos", "length"))
+        if layer == 0 and not torch.compiler.is_compiling() and int(length.max()) + T > kb.shape[2]:
+            # eager only (a compiled step cannot branch on data; its caller sizes the cache): a clear
+            # error instead of an IndexError on CPU or a device-side assert on CUDA
+            raise ValueError(f"the static cache is full: {int(length.max())} of {kb.shape[2]} slots per KV head are "
+                             f"used and {T} more were written; size it for prompt + new tokens (from_cache's extra)")
         slot = length[..., None] + torch.arange(T, device=k.device)  # [B, H_kv, T]
         b = torch.arange(B, device=k.device)[:, None, None]
         h = torch.arange(H, device=k.device)[None, :, None]

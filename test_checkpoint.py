@@ -232,7 +232,6 @@ CORPUS = [
      ["tokenizer_config.json", "chat_template"]),
     ("generation-eos-string", hf_case(lambda d: (d / "generation_config.json").write_text('{"eos_token_id": "2"}')),
      ["generation_config.json", "eos_token_id"]),
-    ("tokenizer-larger-than-vocab", lambda base, out: save_hf_dir(tiny(vocab_size=256), out), ["300 tokens", "vocab_size is 256"]),
     # GGUF
     ("gguf-truncated", file_case("m.gguf", lambda b: b[: len(b) * 2 // 3]), [".gguf", "truncated"]),
     ("gguf-garbage", file_case("m.gguf", lambda b: b"GGUF" + bytes(range(256)) * 2), ["gguf-garbage.gguf", "corrupt"]),
@@ -325,6 +324,20 @@ def test_broken_checkpoint_through_the_real_cli(base, tmp_path, name):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert all(m in lines[0] for m in message) and r.stdout == "", lines
+
+
+def test_vocabulary_past_the_embedding_loads_and_refuses_only_such_prompts(tmp_path):
+    """A tokenizer of 300 tokens over an embedding of 256 (as transformers saves SmolLM2's GGUF: 5 FIM
+    tokens past vocab_size) loads; a prompt that encodes to a token past 256 is one line, exit 2."""
+    path = str(save_hf_dir(tiny(vocab_size=256), tmp_path / "m"))
+    model, tok = C.load(path)
+    assert model.args.vocab_size == 256 and tok.vocab_size() == 300
+    assert max(tok.encode(TEXT)) >= 256 and max(tok.encode("ab")) < 256
+    r = run_cli("--ckpt", path, "--prompt", TEXT, "--max-new-tokens", "2")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "past the model's 256 embeddings" in lines[0], r.stderr
+    r = run_cli("--ckpt", path, "--prompt", "ab", "--max-new-tokens", "2", "--method", "full")
+    assert r.returncode == 0, r.stderr
 
 
 def test_valid_edge_checkpoints_load(base, tmp_path):

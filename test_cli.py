@@ -55,6 +55,8 @@ def files(tmp_path):
     (tmp_path / "not_json.jsonl").write_text(f"{ok}\n{{'context': 'single quotes'}}\n")
     (tmp_path / "not_utf8.jsonl").write_bytes(ok.encode() + b"\n\n" + b'{"context": "caf\xe9"}\n')
     (tmp_path / "surrogate.jsonl").write_text('{"context": "a \\udc80 b", "answers": ["x"]}\n')
+    (tmp_path / "deep.jsonl").write_text(f"{ok}\n" + "[" * 100000 + "]" * 100000 + "\n")
+    (tmp_path / "huge_int.jsonl").write_text(f"{ok}\n" + '{"context": "x", "answers": ["a"], "n": ' + "9" * 5000 + "}\n")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n  \n\n")
     (tmp_path / "prompt_latin1.txt").write_bytes("quick zebras caf\xe9".encode("latin-1"))
@@ -171,6 +173,8 @@ BEFORE_MODEL = [
     ("eval.py", ["--data", "<files>/num_input.jsonl"], "line 3: 'input' must be a string"),
     ("eval.py", ["--data", "<files>/not_utf8.jsonl"], "line 3 is not UTF-8: byte 0xe9 at byte position 16"),
     ("eval.py", ["--data", "<files>/surrogate.jsonl"], "line 1: 'context'"),
+    ("eval.py", ["--data", "<files>/deep.jsonl"], "line 2 nests too deeply"),
+    ("eval.py", ["--data", "<files>/huge_int.jsonl"], "line 2 cannot be read"),
     ("eval.py", ["--data", "<files>/empty.jsonl"], "holds no examples"),
     ("eval.py", ["--data", "<files>/blank.jsonl"], "holds no examples"),
     ("eval.py", ["--data", "/nonexistent.jsonl"], "cannot read --data"),
@@ -285,7 +289,7 @@ def test_window_clamp_matches_the_unclamped_policy(ckpt):
         kept = []
         for cfg in (lqc.EvictConfig(method=method, budget=6, window=20, window_laqpp=10, lookahead=3),
                     cli.evict_config(method=method, budget=6, window=20, window_laqpp=10, lookahead=3)):
-            pre = G.prefill(model, ids, chunk=16, keep_queries=cfg.obs_window, h2o=method == "h2o")
+            pre = G.prefill(model, ids, chunk=16, keep_queries=cfg.obs_window, h2o=lqc.METHODS[method].needs_mass)
             cache, _ = G.evict(cfg, model, pre)
             kept.append([p[p >= 0].tolist() for p in cache.pos])
         assert kept[0] == kept[1], method

@@ -425,7 +425,7 @@ def evict_and_decode(model, ids, cfg, steps=4, eos_ids=()):
     """Prefill, evict with cfg, greedy-decode `steps` tokens. Returns (per-step logits, tokens,
     prefill state, compacted cache, kept indices or None)."""
     L = ids.shape[1]
-    pre = G.prefill(model, ids, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o")
+    pre = G.prefill(model, ids, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass)
     full_k = [k.clone() for k in pre.cache.k]
     cache, indices = G.evict(cfg, model, pre, eos_ids=eos_ids)
     assert all(torch.equal(a, b) for a, b in zip(full_k, pre.cache.k)), "eviction modified the full cache"
@@ -701,7 +701,7 @@ def test_forced_logits_under_a_limit_replay_free_decoding(tiny_ckpt, method):
     """Teacher-forcing a method's own greedy answer under the limit gives back that answer: the
     forced run evicts exactly as free decoding did."""
     model, _ = C.load(tiny_ckpt)
-    pre = G.prefill(model, rand_ids(model, 200), keep_queries=8, h2o=method == "h2o")
+    pre = G.prefill(model, rand_ids(model, 200), keep_queries=8, h2o=lqc.METHODS[method].needs_mass)
     cfg = small_cfg(method, 48)
     evicted, _ = G.evict(cfg, model, pre)
     cache = evicted.clone()
@@ -741,7 +741,7 @@ def test_prefix_agreement_counts_the_end_of_the_answer():
 def readable_row(model, ids, cfg, steps, eos_ids=()):
     """The reference: one prompt, per-layer eviction, the growing KVCache."""
     L = len(ids)
-    pre = G.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o")
+    pre = G.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass)
     cache, _ = G.evict(cfg, model, pre, eos_ids=eos_ids)
     kept = [[set(p[0, h][p[0, h] >= 0].tolist()) for h in range(p.shape[1])] for p in cache.pos]
     seen = []
@@ -755,7 +755,7 @@ def fast_batch(model, prompts, cfg, steps, flex=False, eos_ids=()):
     pad = torch.tensor([L - len(p) for p in prompts])
     x = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
     next_pos = torch.tensor([len(p) for p in prompts])
-    pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o", pad=pad)
+    pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass, pad=pad)
     fast = G.FastPath(G.make_step(model, compile=False), max(steps, cfg.lookahead), flex=flex)
     cache, _ = G.evict(cfg, model, pre, eos_ids=eos_ids, fast=fast)  # the lookahead over a static cache
     static = fast.pack(model, cache)
@@ -768,7 +768,7 @@ def fast_batch(model, prompts, cfg, steps, flex=False, eos_ids=()):
 
 @settings(max_examples=examples(10), deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(lengths=st.lists(st.integers(10, 60), min_size=1, max_size=3), budget=st.integers(3, 40), group=GROUPS,
-       method=st.sampled_from(lqc.METHOD_NAMES), seed=st.integers(0, 5))
+       method=st.sampled_from(lqc.method_names()), seed=st.integers(0, 5))
 def test_fast_path_equals_readable_path(lengths, budget, group, method, seed):
     model = tiny(*group, n_layers=3)
     cfg = small_cfg(method, budget)
@@ -785,7 +785,7 @@ def test_fast_path_equals_readable_path(lengths, budget, group, method, seed):
 def readable_batch(model, prompts, cfg, steps, eos_ids=()):
     """The readable path (growing KVCache, per-layer eviction) on a left-padded batch."""
     x, pad = G.left_pad(prompts, "cpu")
-    pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.method == "h2o", pad=pad)
+    pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass, pad=pad)
     cache, _ = G.evict(cfg, model, pre, eos_ids=eos_ids)
     kept = [[[set(p[b, h][p[b, h] >= 0].tolist()) for h in range(p.shape[1])] for p in cache.pos]
             for b in range(len(prompts))]
@@ -794,7 +794,7 @@ def readable_batch(model, prompts, cfg, steps, eos_ids=()):
 
 @settings(max_examples=examples(10), deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(lengths=st.lists(st.integers(5, 60), min_size=2, max_size=3), budget=st.integers(3, 40), group=GROUPS,
-       method=st.sampled_from(lqc.METHOD_NAMES), seed=st.integers(0, 5))
+       method=st.sampled_from(lqc.method_names()), seed=st.integers(0, 5))
 @example(lengths=[60, 41], budget=12, group=(4, 2), method="adakv", seed=0)  # padding leaked into Ada-KV's shares
 @example(lengths=[50, 20], budget=32, group=(4, 2), method="pyramidkv", seed=1)  # a short row lost its recent entries
 def test_readable_batch_equals_each_row_alone(lengths, budget, group, method, seed):
@@ -1259,7 +1259,7 @@ def test_same_kept_indices_through_transformers(hf_pair, method):
     ids = rand_ids(ours, 90, 3)
     for budget in (10, 33, 64):
         cfg = small_cfg(method, budget)
-        pre = G.prefill(ours, ids, chunk=32, keep_queries=cfg.obs_window, h2o=method == "h2o")
+        pre = G.prefill(ours, ids, chunk=32, keep_queries=cfg.obs_window, h2o=lqc.METHODS[method].needs_mass)
         _, want = G.evict(cfg, ours, pre, eos_ids=(2,))
         press = lqc_hf.LQCPress(method, budget=budget, options=dict(window=8, window_laqpp=4, lookahead=3))
         try:

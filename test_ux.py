@@ -112,7 +112,7 @@ def fake_rows(methods, budgets, lengths=(512, 1024), depths=(0.25, 0.75)):
 def test_accuracy_figure_tells_methods_apart_and_says_what_it_measured(saved_figures):
     import eval as E
     import lqc
-    methods, budgets = list(lqc.METHOD_NAMES), [32, 64]
+    methods, budgets = list(lqc.method_names()), [32, 64]
     summary = E.summarize([dict(r, **{m: 0.0 for m in E.METRICS if m not in r}) for r in fake_rows(methods, budgets)])
     E.plot_accuracy(summary, methods, budgets, "smollm2, passkey: n = 4 prompts", "unused.png")
     fig = saved_figures[0]

@@ -24,6 +24,7 @@ class Tokenizer:
                  chat_format: str | None = None, system_prompt: str | None = None, chat_bos: bool = False):
         self.backend, self.kind, self.bos_id, self.eos_ids, self.add_bos = backend, kind, bos_id, eos_ids, add_bos
         self.chat_format, self.system_prompt, self.chat_bos = chat_format, system_prompt, chat_bos
+        self.n_embeddings: int | None = None  # set at load when the vocabulary outgrows the model's embedding
         if kind == "hf":  # added special tokens in text stay text (sentencepiece never parses them)
             backend.encode_special_tokens = True
 
@@ -44,9 +45,20 @@ class Tokenizer:
     def prompt_ids(self, text: str, chat: bool, answer_prefix: str = "") -> list[int]:
         """Token ids of a user prompt, in the checkpoint's chat format when `chat` and it has one."""
         if chat and self.chat_format:
-            return self.encode_frame([*chat_frame(self.chat_format, text, self.system_prompt, self.chat_bos), answer_prefix])
-        ids = self.encode(text + answer_prefix)
-        return ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + ids
+            ids = self.encode_frame([*chat_frame(self.chat_format, text, self.system_prompt, self.chat_bos), answer_prefix])
+        else:
+            ids = ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + self.encode(text + answer_prefix)
+        return self.check_ids(ids)
+
+    def check_ids(self, ids: list[int]) -> list[int]:
+        """A vocabulary may hold a few tokens past the model's embedding (SmolLM2 saved by transformers:
+        5 FIM tokens); only a prompt that actually contains one is refused."""
+        if self.n_embeddings is not None:
+            bad = next((i for i in ids if i >= self.n_embeddings), None)
+            if bad is not None:
+                raise CheckpointError(f"the prompt holds token {bad} ({self.decode([bad])!r}), past the model's "
+                                      f"{self.n_embeddings} embeddings: remove it from the prompt")
+        return ids
 
     def encode_frame(self, pieces: list[str]) -> list[int]:
         """Ids of a chat frame: each `Special` the vocabulary holds as a control token is its id; the

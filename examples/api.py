@@ -32,7 +32,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Answer examples/doc.txt's question with KV-cache eviction.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="smollm2", help="short name, .gguf file, HF directory or hub id")
-    p.add_argument("--method", default="laqpp", choices=lqc.METHOD_NAMES)
+    p.add_argument("--method", default="laqpp", choices=lqc.method_names())
     p.add_argument("--budget", type=int, default=64, help="kept prompt entries per KV head per layer")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--device", default="cpu")
