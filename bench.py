@@ -92,10 +92,10 @@ QUESTION = " What did the baker repair?"
 
 
 def prompt_ids(tok, n: int, seed: int = 0) -> list[int]:
-    """A prompt of exactly n tokens (n > the question's tokens): varied filler (eval.py's) with a
+    """A prompt of exactly n tokens (n > the question's tokens): varied filler (ruler.py's) with a
     question at the end."""
     import random
-    from eval import filler_sentences
+    from ruler import filler_sentences
     ids, fill, question = [], filler_sentences(random.Random(seed)), tok.encode(QUESTION)
     while len(ids) < n:
         ids += tok.encode(" " + next(fill))
@@ -163,11 +163,17 @@ def bench_length(model, tok, n, args, steps_fns, device, ref: G.Prefill | None =
 
 def e2e_runs(args) -> list[tuple[str, str, dict, str]]:
     """(label, method, run_batch options, label of the row it is compared with) per end-to-end row:
-    snapkv, laq and laqpp with and without reuse of LAQ's pseudo tokens; with --verify-draft-lens,
-    full-cache decoding and `--verify full` (snapkv and laqpp drafting) per draft length."""
-    runs = [("snapkv", "snapkv", dict(reuse=False), "snapkv")]
-    for m in ("laq", "laqpp"):
-        runs += [(m, m, dict(reuse=False), "snapkv"), (f"{m}+reuse", m, dict(reuse=True), "snapkv")]
+    snapkv (the reference) and every --methods method but those that need an instrumented prefill
+    (H2O's mass), the lookahead methods also with reuse of their pseudo tokens; with
+    --verify-draft-lens, full-cache decoding and `--verify full` (snapkv and laqpp drafting) per
+    draft length."""
+    runs = []
+    for m in dict.fromkeys(["snapkv", *args.methods]):  # the reference first, each method once
+        entry = lqc.METHODS[m]
+        if not entry.needs_mass:
+            runs.append((m, m, dict(reuse=False), "snapkv"))
+        if entry.lookahead:
+            runs.append((f"{m}+reuse", m, dict(reuse=True), "snapkv"))
     if args.verify_draft_lens:
         runs.append(("full", "full", {}, "full"))
         runs += [(f"{m} verify k={k}", m, dict(reuse=False, verify="full", draft_len=k), "full")
@@ -520,6 +526,7 @@ def main(args):
     device, dtype = G.check_device(args.device, args.dtype)
     out = cli.check_out(args.out, args.overwrite)
     model, tok = load(args.ckpt, device, dtype)
+    args.loaded = model.source  # recorded in bench.json: --ckpt llama may have fallen back to SmolLM2
     check_lengths(args, tok, model.args.max_seq_len, notes)
     for line in notes:
         cli.note("bench.py", line)

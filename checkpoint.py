@@ -479,4 +479,5 @@ def load(ckpt: str, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tok
     """Load a checkpoint by short name, GGUF path, HF directory or hub id."""
     path = resolve_checkpoint(ckpt)
     model, tok = load_hf_dir(path, device, dtype) if path.is_dir() else load_gguf(path, device, dtype)
+    model.source = str(path)  # what loaded (`llama` may fall back to SmolLM2): results record it
     return model, check_tokenizer(tok, model.args, path)

@@ -357,6 +357,7 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
     x = torch.tensor([ids], device=dev)
     t0 = time.perf_counter()
     pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=query_window(args, methods))
+    G.sync(dev)  # CUDA: the GPU's time, not the launches'
     prefill_s = time.perf_counter() - t0
     pre = with_h2o_mass(model, x, pre, methods, args.prefill_chunk)
     last = ids[-1]
@@ -369,6 +370,7 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
             cfg = evict_config(args, method, budget)
             t1 = time.perf_counter()
             cache, indices = G.evict(cfg, model, pre, eos_ids=tok.eos_ids)
+            G.sync(dev)
             evict_s = time.perf_counter() - t1
             out = greedy(model, cache, pre.obs.logits, last, L, args.first_token, args.agree_tokens, tok.eos_ids)
             text = tok.decode(out)
@@ -427,6 +429,7 @@ def evaluate_long_answer(model, tok, task: Task, methods, limits, args) -> list[
     n, eos = args.answer_tokens, tok.eos_ids
     t0 = time.perf_counter()
     full_out = G.decode(model, pre.cache.clone(), pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos)[0]
+    G.sync(dev)
     full_s = time.perf_counter() - t0
     forced = full_out or [eos[0]]  # teacher-forced: at least one token to predict
     full_tf = continuation_logits(model, pre.cache, pre.obs.logits, ids[-1], forced, L, "prefill")  # [n, V]
@@ -444,6 +447,7 @@ def evaluate_long_answer(model, tok, task: Task, methods, limits, args) -> list[
                 t0 = time.perf_counter()
                 out = G.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos,
                                step=evictor.step, evictor=evictor)[0]
+                G.sync(dev)
                 evict_share = evictor.seconds / (time.perf_counter() - t0)
                 cache = prompt_cache if indices is not None else prompt_cache.clone()
                 evictor = limited(model, cfg, pre, cache, limit=limit, every=args.evict_every)
@@ -590,13 +594,8 @@ class Clock:
         return sum(self.estimate(n) or 0.0 for n in lengths)
 
 
-def run_suite(model, tok, args, out: Path) -> list[dict]:
+def run_suite(model, tok, args, out: Path, samples: list) -> list[dict]:
     """Every sample not in --out yet, in order, until done or --minutes is spent; progress on stderr."""
-    samples = ruler.build(tok, args.tasks, args.lengths, args.depths, args.seeds)
-    for s in samples:
-        n = len(task_prompt_ids(tok, s))
-        if n > s.length:
-            raise BadInput(f"--lengths {s.length} is too short for {s.name}: its prompt takes {n} tokens")
     path, config = out / "results.jsonl", suite_config(args)
     done = read_done(path, config)
     if not path.exists():
@@ -668,9 +667,9 @@ def plot_suite(summary, methods, budgets, caption: str, at_budget: int, path: Pa
     fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(4.2 * (len(lengths) + 1), 4), squeeze=False)
     curves = [m for m in methods if m != "full"]
     for ax, n in zip(axes[0], lengths):
-        for m in curves:
+        for k, m in enumerate(curves):
             pts = [(b, summary[(n, "all", m, b)]) for b in budgets if (n, "all", m, b) in summary]
-            draw_curve(ax, m, pts)
+            draw_curve(ax, m, pts, k, len(curves))
         full = summary.get((n, "all", "full", "full"))
         if full:
             ax.axhline(full["acc"], color="k", ls="--", label="full cache")
@@ -680,9 +679,10 @@ def plot_suite(summary, methods, budgets, caption: str, at_budget: int, path: Pa
         ax.set_title(f"{n} tokens", fontsize=9)
         ax.set_xlabel("budget (kept entries per KV head per layer)", fontsize=8)
     ax = axes[0][-1]
-    for m in methods:
+    for k, m in enumerate(methods):
         b = "full" if m == "full" else at_budget
-        draw_curve(ax, m, [(n, summary[(n, "all", m, b)]) for n in lengths if (n, "all", m, b) in summary])
+        draw_curve(ax, m, [(n, summary[(n, "all", m, b)]) for n in lengths if (n, "all", m, b) in summary],
+                   k, len(methods))
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_title(f"budget {at_budget}", fontsize=9)
@@ -698,14 +698,22 @@ def plot_suite(summary, methods, budgets, caption: str, at_budget: int, path: Pa
     plt.close(fig)
 
 
-def draw_curve(ax, method: str, pts: list):
+def draw_curve(ax, method: str, pts: list, k: int = 0, n: int = 1):
+    """One method's points with their 95% intervals as error bars, dodged sideways (the k-th of n
+    curves), so equal points and overlapping intervals stay readable."""
     if not pts:
         return
     color, marker, ls = style(method)
-    xs = [x for x, _ in pts]
-    ax.plot(xs, [p["acc"] for _, p in pts], color=color, marker=marker, ls=ls or "-", markerfacecolor="none",
-            label=method)
-    ax.fill_between(xs, [p["lo"] for _, p in pts], [p["hi"] for _, p in pts], color=color, alpha=0.08)
+    dodge = 2 ** (0.04 * (k - (n - 1) / 2))
+    xs = [x * dodge for x, _ in pts]
+    acc = [p["acc"] for _, p in pts]
+    err = [[a - p["lo"] for a, (_, p) in zip(acc, pts)], [p["hi"] - a for a, (_, p) in zip(acc, pts)]]
+    ax.errorbar(xs, acc, yerr=err, color=color, marker=marker, ls=ls or "-", markerfacecolor="none", capsize=2,
+                elinewidth=0.8, alpha=0.9, label=label(method))
+
+
+def label(method: str) -> str:
+    return "full cache" if method == "full" else lqc.METHODS[method].label
 
 
 # ----------------------------------------------------------------------------------------------
@@ -786,7 +794,7 @@ def plot_accuracy(summary, methods, budgets, caption: str, path: Path, metrics=(
             color, marker, ls = style(m)
             dodge = 2 ** (0.03 * (k - (len(curves) - 1) / 2))  # equal points side by side, not on top
             ax.plot([b * dodge for b in budgets], [summary[(m, b)][metric] for b in budgets], color=color, ls=ls,
-                    marker=marker, markersize=8, markerfacecolor="none", markeredgewidth=1.5, label=m)
+                    marker=marker, markersize=8, markerfacecolor="none", markeredgewidth=1.5, label=label(m))
         if "full" in methods:
             ax.axhline(summary[("full", "full")][metric], color="k", ls="--", label="full cache")
         ax.set_xscale("log", base=2)
@@ -877,7 +885,7 @@ def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
 
 OUTPUTS = ["results.json", "results.md", "accuracy_vs_budget.png", "heatmap.png", "kept.png"]
 GENERATED = dict(tasks=["passkey", "needle", "multikey"], lengths=[1024, 2048], depths=[0.25, 0.75], seeds=1)
-SUITE = dict(tasks=list(ruler.SUITE), lengths=[4096, 8192, 16384], depths=[0.1, 0.3, 0.5, 0.7, 0.9], seeds=4)
+SUITE = dict(tasks=list(ruler.SUITE), lengths=[4096, 8192, 16384], depths=[0.1, 0.3, 0.5, 0.7, 0.9], seeds=2)
 
 
 def parse_args(argv=None):
@@ -1007,14 +1015,18 @@ def main(args) -> dict:
     resume = args.suite and not args.overwrite and (Path(args.out) / "results.jsonl").is_file()
     out = cli.check_out(args.out, args.overwrite or resume)
     model, tok = load(args.ckpt, dev, dt)
+    args.loaded = model.source  # recorded in results.json: --ckpt llama may have fallen back to SmolLM2
     if args.agree_tokens >= model.args.max_seq_len // 2:
         raise BadInput(f"--agree-tokens {args.agree_tokens} leaves too little of the model's context of "
                        f"{model.args.max_seq_len} for the prompt")
-    for line in notes:
+    if args.suite:
+        samples = suite_samples(model, tok, args)
+    else:
+        tasks = tasks or build_tasks(args, tok, model.args.max_seq_len)
+    for line in notes:  # all input is checked: what lqc does with it
         cli.note("eval.py", line)
     if args.suite:
-        return main_suite(model, tok, args, out, resume)
-    tasks = tasks or build_tasks(args, tok, model.args.max_seq_len)
+        return main_suite(model, tok, args, out, resume, samples)
     cli.start_out(out, OUTPUTS)
     rows, long_answer = [], tasks[0].name == LONG_ANSWER
     score = evaluate_long_answer if long_answer else evaluate_task
@@ -1046,12 +1058,22 @@ def main(args) -> dict:
 SUITE_OUTPUTS = ["results.json", "results.md", "suite.png"]
 
 
-def main_suite(model, tok, args, out: Path, resume: bool) -> dict:
+def suite_samples(model, tok, args) -> list:
+    """The suite's prompts, each checked to fit its length and the model's context."""
     if max(args.lengths) + 64 > model.args.max_seq_len:
         raise BadInput(f"--lengths up to {max(args.lengths)} (+ the answer) exceed the model's context of "
                        f"{model.args.max_seq_len}")
+    samples = ruler.build(tok, args.tasks, args.lengths, args.depths, args.seeds)
+    for s in samples:
+        n = len(task_prompt_ids(tok, s))
+        if n > s.length:
+            raise BadInput(f"--lengths {s.length} is too short for {s.name}: its prompt takes {n} tokens")
+    return samples
+
+
+def main_suite(model, tok, args, out: Path, resume: bool, samples: list) -> dict:
     cli.start_out(out, SUITE_OUTPUTS + ([] if resume else ["results.jsonl"]))
-    rows = run_suite(model, tok, args, out)
+    rows = run_suite(model, tok, args, out, samples)
     budgets = sorted(args.budgets)
     summary = suite_summary(rows)
     table = suite_tables(summary, args.methods, budgets, args.tasks)
