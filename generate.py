@@ -1,4 +1,6 @@
-"""Prefill -> evict -> decode, and the command line.
+"""Prefill -> evict -> decode, and the command line. Beside it, one concern a file: sampling.py (how
+tokens are drawn, speculative acceptance), speculative.py (the drafts: LAQ's reuse, verify mode),
+cache_limit.py (eviction during decoding), steps.py (single-token steps, the static fast path).
 
     python generate.py --ckpt llama --budget 256 --prompt "..."
     python generate.py --method laqpp --budget 128 --prompt-file examples/doc.txt
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -22,12 +23,14 @@ if __name__ == "__main__":
     cli.quiet_ctrl_c()  # before the slow imports below
 
 import torch
-import torch.nn.functional as F
 
 import lqc
-import model as M
+from cache_limit import EVICT_EVERY, Evictor, check_limit
 from checkpoint import load
 from cli import BadInput
+from sampling import Sampling, accept
+from speculative import DRAFT_LEN, CacheDraft, Draft, PseudoDraft, draft_tokens
+from steps import FastPath, flex_available, make_step, model_step, plain_step, query_step, sync, to_static
 
 DEMO_PROMPT = """Read the notes and answer the question.
 
@@ -47,9 +50,6 @@ before noon. In the summer a ferry carries travellers to the island of Carrow, a
 minutes when the sea is quiet.
 
 Question: Who keeps the lighthouse in Wrenmouth, and what colour is its door?"""
-
-
-DRAFT_LEN = 4  # verify mode's draft tokens per round (README: acceptance and speed)
 
 
 @dataclass
@@ -90,125 +90,6 @@ def prefill(model, ids: torch.Tensor, *, chunk: int | None = None, keep_queries:
     obs_pos = pos_all[:, L - (obs_q[0].shape[2] if obs_q else 0):]
     next_pos = pos_all[:, -1] + 1  # [B]
     return Prefill(cache, lqc.Observation(logits[:, -1], next_pos, obs_q, obs_pos, mass))
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def generator(self, device) -> torch.Generator | None:
-        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
-
-
-def probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """The distribution that sampling draws from: logits `[..., V]` after temperature, top-k and
-    top-p, softmaxed -> `[..., V]`. Temperature > 0."""
-    logits = logits / sampling.temperature
-    if sampling.top_k > 0:
-        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > sampling.top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits.softmax(-1)
-
-
-def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None = None):
-    """Next token `[B]` from logits `[B, V]`; temperature 0 is greedy."""
-    if sampling.temperature <= 0:
-        return logits.argmax(-1)
-    return torch.multinomial(probs(logits, sampling), 1, generator=gen)[:, 0]
-
-
-def accept(logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, sampling: Sampling,
-           gen: torch.Generator | None = None):
-    """Speculative decoding's rule: how many draft tokens `[B, k]` the target keeps, and the token
-    that follows them. logits `[B, k+1, V]`: the target's logits at each draft position and one
-    past; q `[B, k, V]`: the probabilities the draft was drawn from (None: a deterministic draft).
-    Greedy: the longest prefix that the target's own argmax reproduces, then the argmax after it.
-    Sampling: draft token x_j stays with probability min(1, p_j(x_j) / q_j(x_j)); the first rejected
-    one is replaced by a draw from norm(max(0, p_j - q_j)), which for a deterministic draft is p_j
-    with x_j removed; after a fully accepted draft the next token is drawn from p_k. The tokens
-    then follow p exactly, whatever the draft (Leviathan et al. 2023, Chen et al. 2023).
-    Returns the accepted counts `[B]` and the next tokens `[B]`."""
-    B, k = draft.shape
-    rows = torch.arange(B, device=draft.device)
-    if sampling.temperature <= 0:
-        best = logits.argmax(-1)  # [B, k+1]
-        n = (draft == best[:, :k]).cumprod(-1).sum(-1)  # [B]
-        return n, best[rows, n]
-    p = probs(logits, sampling)  # [B, k+1, V]
-    q = F.one_hot(draft, p.shape[-1]).to(p.dtype) if q is None else q  # [B, k, V]
-    px, qx = (t.gather(-1, draft[..., None])[..., 0] for t in (p[:, :k], q))  # [B, k]
-    u = torch.rand(B, k, generator=gen, device=draft.device)  # k = 0 draws nothing: plain sampling's stream
-    n = (u * qx < px).cumprod(-1).sum(-1)  # u < p/q without a division (q(x) > 0: x was drawn from q)
-    rest = torch.cat([(p[:, :k] - q).clamp(min=0), p[:, k:]], dim=1)[rows, n]  # [B, V]
-    rest = torch.where(rest.sum(-1, keepdim=True) > 0, rest, p[rows, n])  # p_j == q_j: any draw from p_j is right
-    return n, torch.multinomial(rest, 1, generator=gen)[:, 0]
-
-
-@dataclass(kw_only=True)
-class Draft:
-    """Speculative decoding's proposer. `propose(pending, logits, pos, n, gen)` returns up to n draft
-    tokens `[B, k]` for positions pos, pos + 1, ... and the probabilities they were drawn from
-    `[B, k, V]` (None: deterministic), or None when it has nothing (more) to propose. pending `[B]` is
-    the last emitted token, at pos - 1, not yet in any cache (None on the first round, when `logits`
-    `[B, V]`, the prefill logits, hold position pos). `rewind(limit)` drops what it holds at positions
-    >= limit `[B]`. drafted / accepted count the tokens of rows still running."""
-    drafted: int = 0
-    accepted: int = 0
-
-    def rewind(self, limit: torch.Tensor):
-        pass
-
-
-@dataclass(kw_only=True)
-class PseudoDraft(Draft):
-    """Reuse: LAQ's pseudo tokens `[B, m]` as the draft of the first round only. They were decoded
-    greedily on a SnapKV copy of the cache, so they are a deterministic draft."""
-    tokens: torch.Tensor | None
-
-    def propose(self, pending, logits, pos, n, gen=None):
-        tokens, self.tokens = self.tokens, None
-        return None if tokens is None else (tokens[:, :n], None)
-
-
-@dataclass(kw_only=True)
-class CacheDraft(Draft):
-    """Verify mode: the compacted cache drafts k tokens per round (sampled as the output is), for the
-    full cache to check. It is fed the pending token and every draft token, and rewound with the
-    full cache, so both always hold the same tokens."""
-    cache: object
-    step: object  # step(tokens [B, 1], pos [B, 1], cache) -> logits [B, V]
-    k: int
-    sampling: Sampling
-
-    def propose(self, pending, logits, pos, n, gen=None):
-        z = logits if pending is None else self.step(pending[:, None], (pos - 1)[:, None], self.cache)  # [B, V]
-        tokens, q = [], []
-        for j in range(min(self.k, n)):
-            tokens.append(sample(z, self.sampling, gen))
-            if self.sampling.temperature > 0:
-                q.append(probs(z, self.sampling))
-            z = self.step(tokens[-1][:, None], (pos + j)[:, None], self.cache)
-        if not tokens:
-            return pos.new_zeros(pos.shape[0], 0), None
-        return torch.stack(tokens, 1), torch.stack(q, 1) if q else None
-
-    def rewind(self, limit):
-        self.cache.rewind(limit)
-
-
-def plain_step(model):
-    """The readable single-token step: tokens, pos `[B, 1]`, cache -> logits `[B, V]` (`model_step`'s
-    logits: one forward rule for decoding, the lookahead and the compiled step)."""
-    step = model_step(model)
-    return lambda tokens, pos, cache: step(tokens, pos, cache)[0]
 
 
 def target_logits(model, step, cache, pending, draft, pos, logits):
@@ -305,44 +186,6 @@ class Stats:
                 f"evict {self.evict_s:.3f} s | decode {self.new_tokens} tok at {tps:.1f} tok/s{compiled}{draft}{limit}")
 
 
-def model_step(model):
-    """One decode step: tokens, pos `[B, 1]` and a cache it grows -> (logits `[B, V]`, post-RoPE
-    queries per layer `[B, H_q, 1, D]`). The queries cost nothing extra and let one (compiled)
-    step serve both LAQ's lookahead and decoding."""
-    def step(tokens, pos, cache):
-        logits, queries = model(tokens, pos, cache, return_queries=True)
-        return logits[:, -1], queries
-    return step
-
-
-def query_step(model, cache):
-    """LAQ's lookahead step over the readable `cache`, which it grows (see `lqc.lookahead`)."""
-    step = model_step(model)
-    return lambda tokens, pos: step(tokens, pos, cache)
-
-
-@dataclass
-class FastPath:
-    """Decoding over static (fixed-capacity) caches with one step function, compiled or not.
-    The lookahead's compacted copy gets the same capacity as the decode cache where it can, so a
-    compiled step serves both without compiling twice."""
-    step: object  # model_step(model), maybe compiled
-    extra: int  # room for new tokens beyond the kept entries
-    flex: bool = False  # FlexAttention block masks (the compiled path)
-    compile_s: float = 0.0  # time of the step's first call when compiled
-
-    def pack(self, model, cache):
-        return to_static(model, cache, self.extra, self.flex)
-
-    def __call__(self, tokens, pos, cache):
-        if self.compile_s or not self.flex:
-            return self.step(tokens, pos, cache)
-        t = time.perf_counter()
-        out = self.step(tokens, pos, cache)
-        self.compile_s = time.perf_counter() - t
-        return out
-
-
 def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=(), fast: FastPath | None = None, on_pseudo=None):
     """The eviction step between prefill and decode: returns the compacted cache and the kept
     indices per layer (None when nothing was evicted). LAQ's lookahead runs on a compacted copy:
@@ -356,136 +199,6 @@ def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=(), fast: FastPa
     indices = lqc.plan_eviction(cfg, pre.obs, keys=pre.cache.k, positions=pre.cache.pos, eos_ids=eos_ids,
                                 lookahead_step=lookahead_step, on_pseudo=on_pseudo)
     return (pre.cache, None) if indices is None else (pre.cache.gather(indices), indices)
-
-
-EVICT_EVERY = 32  # slots freed per decode-time eviction: eviction work stays a few % of decode (README)
-
-
-def draft_tokens(cfg: lqc.EvictConfig, reuse: bool, verify: str | None, draft_len: int) -> int:
-    """The most draft tokens a decoding round feeds: --draft-len in verify mode, LAQ's pseudo tokens
-    when they are reused, none otherwise."""
-    if verify:
-        return draft_len
-    return cfg.lookahead + 1 if reuse and cfg.looks_ahead else 0
-
-
-def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify: str | None, draft: int = 0):
-    if cfg.method == "full":
-        raise BadInput("--cache-limit needs an evicting method (full keeps every entry)")
-    if not 1 <= evict_every < cache_limit:
-        raise BadInput(f"need 1 <= --evict-every < --cache-limit (got {evict_every} and {cache_limit})")
-    if verify:
-        raise BadInput("--cache-limit and --verify full do not go together: verification keeps the full cache")
-    if draft >= cache_limit:  # the first round feeds LAQ's reused pseudo tokens at once: the cache must hold them
-        raise BadInput(f"--cache-limit {cache_limit} must exceed the {draft} pseudo tokens that reusing LAQ's lookahead "
-                       f"feeds in one round: raise it, or pass --no-reuse")
-
-
-class Evictor:
-    """Bounded memory (a cache limit): before each decode round, when the fullest KV head has no room
-    for the round's entries, evict down to `limit - every` in one go (`lqc.plan_limit`), so the
-    scoring cost is paid once per `every` tokens. `step` wraps the single-token step `step(tokens,
-    pos, cache) -> (logits, queries per layer)` to keep the queries the rule reads: the last
-    `window` decode queries (seeded with the last prompt queries), or, for H2O, the queries since
-    their attention mass was last added to each entry's total (every `every` steps and before each
-    eviction: exact, since no entry a query saw leaves the cache before its mass is counted).
-    A draft's tokens (LAQ's reuse) are fed in one forward without queries: they miss the ring."""
-
-    def __init__(self, cfg: lqc.EvictConfig, cache, *, limit: int, every: int, step, obs: lqc.Observation,
-                 prompt_pos: list | None = None):
-        self.cfg, self.limit, self.every, self.inner = cfg, limit, every, step
-        if isinstance(cache, M.KVCache):
-            cache.max_width = limit  # its appends allocate no room past the limit either
-        entry = lqc.METHODS[cfg.method]
-        self.needs_mass, self.needs_queries = entry.needs_mass, entry.needs_queries
-        self.seconds, self.evictions = 0.0, 0
-        self.mass = None
-        self.queries = deque(maxlen=None if self.needs_mass else cfg.window)  # (per layer [B, H_q, 1, D], pos [B, 1])
-        if self.needs_mass:  # the prompt queries' mass, moved to the decode cache's layout
-            self.mass = [lqc.carry(m, p, c) for m, p, c in zip(obs.mass, prompt_pos, cache.pos)]
-        elif self.needs_queries:
-            self.queries.extend(([q[:, :, t:t + 1] for q in obs.obs_q], obs.obs_pos[:, t:t + 1])
-                                for t in range(obs.obs_pos.shape[1]))
-
-    def step(self, tokens, pos, cache):
-        logits, q = self.inner(tokens, pos, cache)
-        if self.needs_mass or self.needs_queries:
-            self.queries.append((q, pos))  # fresh tensors: make_step copies them out of a CUDA graph
-        return logits
-
-    def __call__(self, cache, n: int = 1):
-        full = int(cache.kept().max()) + n > self.limit
-        if full or self.needs_mass and len(self.queries) >= self.every:
-            sync(cache.k[0].device)
-            t = time.perf_counter()
-            if self.needs_mass:
-                self.add_mass(cache)
-            if full:
-                self.evict(cache, self.limit - max(self.every, n))
-            sync(cache.k[0].device)
-            self.seconds += time.perf_counter() - t
-
-    def stacked_queries(self):
-        """The kept queries per layer `[B, H_q, w, D]` and their positions `[B, w]`."""
-        qs, pos = zip(*self.queries)
-        return [torch.cat(q, dim=2) for q in zip(*qs)], torch.cat(pos, dim=1)
-
-    def add_mass(self, cache):
-        if not self.queries:
-            return
-        q, q_pos = self.stacked_queries()
-        self.mass = [lqc.accumulate_mass(m, ql, k, q_pos, p) for m, ql, k, p in zip(self.mass, q, cache.k, cache.pos)]
-        self.queries.clear()
-
-    def evict(self, cache, keep: int):
-        q, q_pos = self.stacked_queries() if self.needs_queries else (None, None)
-        indices = lqc.plan_limit(self.cfg, keep, keys=cache.k, positions=cache.pos, queries=q, q_pos=q_pos,
-                                 mass=self.mass)
-        cache.compact(indices)
-        if self.mass is not None:  # the kept entries' totals, padded to the cache's columns (a static cache keeps its width)
-            self.mass = [F.pad(lqc.take(m, i, 0.0), (0, k.shape[2] - i.shape[-1]))
-                         for m, i, k in zip(self.mass, indices, cache.k)]
-        self.evictions += 1
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def flex_available(device: torch.device) -> bool:
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return device.type in ("cpu", "cuda")
-
-
-def make_step(model, compile: bool):
-    """The single-token step (`model_step`), compiled on request (CUDA graphs on CUDA). Its shapes
-    never change over a StaticKVCache of one capacity, so it compiles once per capacity."""
-    step = model_step(model)
-    if not compile:
-        return step
-    device = model.tok_embeddings.weight.device
-    # dynamic=False: a new capacity gets its own static graph; the CPU FlexAttention kernel does
-    # not compile with a symbolic KV length (torch 2.13)
-    if device.type != "cuda":
-        return torch.compile(step, dynamic=False)
-    graph = torch.compile(step, mode="reduce-overhead", dynamic=False)
-
-    def cuda_graph_step(tokens, pos, cache):
-        # a CUDA graph replays into the same output buffers: the lookahead keeps every step's
-        # queries, so each step's outputs are copied out before the next replay overwrites them
-        torch.compiler.cudagraph_mark_step_begin()
-        logits, queries = graph(tokens, pos, cache)
-        return logits.clone(), [q.clone() for q in queries]
-    return cuda_graph_step
-
-
-def to_static(model, cache, extra: int, flex: bool):
-    """Pack a (compacted) cache into the fast path's fixed-capacity buffers."""
-    return M.StaticKVCache.from_cache(cache, extra, model.args.n_heads // model.args.n_kv_heads, flex=flex)
 
 
 def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-FLAT = ("cli", "model", "tokenizer", "checkpoint", "fetch", "gguf_file", "generate", "eval", "bench")
+FLAT = ("cli", "model", "tokenizer", "checkpoint", "fetch", "gguf_file", "ruler", "sampling", "speculative", "steps",
+        "cache_limit", "generate", "eval", "bench")
 HERE = Path(__file__).resolve().parent
 FOLDER = HERE if (HERE / "generate.py").is_file() else HERE / "_lqc"  # the clone (or editable install) / a wheel
 

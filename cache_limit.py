@@ -1,0 +1,97 @@
+"""Bounded memory (`--cache-limit`): eviction during decoding. The rules that score entries live in
+lqc.py (`plan_limit`, each method's `limit_scores`); this file keeps the state a rule reads while
+decoding (the last decode queries, or H2O's accumulated mass) and decides when to evict."""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+import lqc
+import model as M
+from cli import BadInput
+from steps import sync
+
+EVICT_EVERY = 32  # slots freed per decode-time eviction: eviction work stays a few % of decode (README)
+
+
+
+def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify: str | None, draft: int = 0):
+    if cfg.method == "full":
+        raise BadInput("--cache-limit needs an evicting method (full keeps every entry)")
+    if not 1 <= evict_every < cache_limit:
+        raise BadInput(f"need 1 <= --evict-every < --cache-limit (got {evict_every} and {cache_limit})")
+    if verify:
+        raise BadInput("--cache-limit and --verify full do not go together: verification keeps the full cache")
+    if draft >= cache_limit:  # the first round feeds LAQ's reused pseudo tokens at once: the cache must hold them
+        raise BadInput(f"--cache-limit {cache_limit} must exceed the {draft} pseudo tokens that reusing LAQ's lookahead "
+                       f"feeds in one round: raise it, or pass --no-reuse")
+
+
+class Evictor:
+    """Bounded memory (a cache limit): before each decode round, when the fullest KV head has no room
+    for the round's entries, evict down to `limit - every` in one go (`lqc.plan_limit`), so the
+    scoring cost is paid once per `every` tokens. `step` wraps the single-token step `step(tokens,
+    pos, cache) -> (logits, queries per layer)` to keep the queries the rule reads: the last
+    `window` decode queries (seeded with the last prompt queries), or, for H2O, the queries since
+    their attention mass was last added to each entry's total (every `every` steps and before each
+    eviction: exact, since no entry a query saw leaves the cache before its mass is counted).
+    A draft's tokens (LAQ's reuse) are fed in one forward without queries: they miss the ring."""
+
+    def __init__(self, cfg: lqc.EvictConfig, cache, *, limit: int, every: int, step, obs: lqc.Observation,
+                 prompt_pos: list | None = None):
+        self.cfg, self.limit, self.every, self.inner = cfg, limit, every, step
+        if isinstance(cache, M.KVCache):
+            cache.max_width = limit  # its appends allocate no room past the limit either
+        entry = lqc.METHODS[cfg.method]
+        self.needs_mass, self.needs_queries = entry.needs_mass, entry.needs_queries
+        self.seconds, self.evictions = 0.0, 0
+        self.mass = None
+        self.queries = deque(maxlen=None if self.needs_mass else cfg.window)  # (per layer [B, H_q, 1, D], pos [B, 1])
+        if self.needs_mass:  # the prompt queries' mass, moved to the decode cache's layout
+            self.mass = [lqc.carry(m, p, c) for m, p, c in zip(obs.mass, prompt_pos, cache.pos)]
+        elif self.needs_queries:
+            self.queries.extend(([q[:, :, t:t + 1] for q in obs.obs_q], obs.obs_pos[:, t:t + 1])
+                                for t in range(obs.obs_pos.shape[1]))
+
+    def step(self, tokens, pos, cache):
+        logits, q = self.inner(tokens, pos, cache)
+        if self.needs_mass or self.needs_queries:
+            self.queries.append((q, pos))  # fresh tensors: make_step copies them out of a CUDA graph
+        return logits
+
+    def __call__(self, cache, n: int = 1):
+        full = int(cache.kept().max()) + n > self.limit
+        if full or self.needs_mass and len(self.queries) >= self.every:
+            sync(cache.k[0].device)
+            t = time.perf_counter()
+            if self.needs_mass:
+                self.add_mass(cache)
+            if full:
+                self.evict(cache, self.limit - max(self.every, n))
+            sync(cache.k[0].device)
+            self.seconds += time.perf_counter() - t
+
+    def stacked_queries(self):
+        """The kept queries per layer `[B, H_q, w, D]` and their positions `[B, w]`."""
+        qs, pos = zip(*self.queries)
+        return [torch.cat(q, dim=2) for q in zip(*qs)], torch.cat(pos, dim=1)
+
+    def add_mass(self, cache):
+        if not self.queries:
+            return
+        q, q_pos = self.stacked_queries()
+        self.mass = [lqc.accumulate_mass(m, ql, k, q_pos, p) for m, ql, k, p in zip(self.mass, q, cache.k, cache.pos)]
+        self.queries.clear()
+
+    def evict(self, cache, keep: int):
+        q, q_pos = self.stacked_queries() if self.needs_queries else (None, None)
+        indices = lqc.plan_limit(self.cfg, keep, keys=cache.k, positions=cache.pos, queries=q, q_pos=q_pos,
+                                 mass=self.mass)
+        cache.compact(indices)
+        if self.mass is not None:  # the kept entries' totals, padded to the cache's columns (a static cache keeps its width)
+            self.mass = [F.pad(lqc.take(m, i, 0.0), (0, k.shape[2] - i.shape[-1]))
+                         for m, i, k in zip(self.mass, indices, cache.k)]
+        self.evictions += 1

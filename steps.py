@@ -1,0 +1,96 @@
+"""Single-token decode steps: the readable one, the fast path over static caches (compiled on
+request, CUDA graphs on CUDA), and the device helpers they need. A step takes tokens and positions
+`[B, 1]` and a cache it grows; `model_step` returns (logits `[B, V]`, queries per layer)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+import model as M
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flex_available(device: torch.device) -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401 (the import is the check)
+    except ImportError:
+        return False
+    return device.type in ("cpu", "cuda")
+
+
+def make_step(model, compile: bool):
+    """The single-token step (`model_step`), compiled on request (CUDA graphs on CUDA). Its shapes
+    never change over a StaticKVCache of one capacity, so it compiles once per capacity."""
+    step = model_step(model)
+    if not compile:
+        return step
+    device = model.tok_embeddings.weight.device
+    # dynamic=False: a new capacity gets its own static graph; the CPU FlexAttention kernel does
+    # not compile with a symbolic KV length (torch 2.13)
+    if device.type != "cuda":
+        return torch.compile(step, dynamic=False)
+    graph = torch.compile(step, mode="reduce-overhead", dynamic=False)
+
+    def cuda_graph_step(tokens, pos, cache):
+        # a CUDA graph replays into the same output buffers: the lookahead keeps every step's
+        # queries, so each step's outputs are copied out before the next replay overwrites them
+        torch.compiler.cudagraph_mark_step_begin()
+        logits, queries = graph(tokens, pos, cache)
+        return logits.clone(), [q.clone() for q in queries]
+    return cuda_graph_step
+
+
+def to_static(model, cache, extra: int, flex: bool):
+    """Pack a (compacted) cache into the fast path's fixed-capacity buffers."""
+    return M.StaticKVCache.from_cache(cache, extra, model.args.n_heads // model.args.n_kv_heads, flex=flex)
+
+
+def plain_step(model):
+    """The readable single-token step: tokens, pos `[B, 1]`, cache -> logits `[B, V]` (`model_step`'s
+    logits: one forward rule for decoding, the lookahead and the compiled step)."""
+    step = model_step(model)
+    return lambda tokens, pos, cache: step(tokens, pos, cache)[0]
+
+
+def model_step(model):
+    """One decode step: tokens, pos `[B, 1]` and a cache it grows -> (logits `[B, V]`, post-RoPE
+    queries per layer `[B, H_q, 1, D]`). The queries cost nothing extra and let one (compiled)
+    step serve both LAQ's lookahead and decoding."""
+    def step(tokens, pos, cache):
+        logits, queries = model(tokens, pos, cache, return_queries=True)
+        return logits[:, -1], queries
+    return step
+
+
+def query_step(model, cache):
+    """LAQ's lookahead step over the readable `cache`, which it grows (see `lqc.lookahead`)."""
+    step = model_step(model)
+    return lambda tokens, pos: step(tokens, pos, cache)
+
+
+@dataclass
+class FastPath:
+    """Decoding over static (fixed-capacity) caches with one step function, compiled or not.
+    The lookahead's compacted copy gets the same capacity as the decode cache where it can, so a
+    compiled step serves both without compiling twice."""
+    step: object  # model_step(model), maybe compiled
+    extra: int  # room for new tokens beyond the kept entries
+    flex: bool = False  # FlexAttention block masks (the compiled path)
+    compile_s: float = 0.0  # time of the step's first call when compiled
+
+    def pack(self, model, cache):
+        return to_static(model, cache, self.extra, self.flex)
+
+    def __call__(self, tokens, pos, cache):
+        if self.compile_s or not self.flex:
+            return self.step(tokens, pos, cache)
+        t = time.perf_counter()
+        out = self.step(tokens, pos, cache)
+        self.compile_s = time.perf_counter() - t
+        return out
