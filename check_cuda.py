@@ -35,7 +35,7 @@ import generate as G
 import lqc
 from checkpoint import load
 import model as M
-from test_lqc import hf_tiny, rand_ids, save_hf_dir
+from tiny_models import hf_tiny, rand_ids, save_hf_dir
 
 NEW_TOKENS = 12
 METHODS = list(lqc.METHODS)

@@ -28,6 +28,11 @@ class BadInput(ValueError):
     """Something the user typed or pointed lqc at cannot be used; the message says what to fix."""
 
 
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says what to fix. Here, torch-free, so that the
+    exit wrapper catches it in any process (an example script reaching lqc's files by private names)."""
+
+
 class CannotWrite(Exception):
     """An output could not be written (disk full, stdout closed); not the user's input, not a bug."""
 
@@ -69,7 +74,6 @@ def quiet_ctrl_c():
 
 def exit_on_bad_input(prog: str, fn, *args, **kwargs):
     """Run a CLI's main with the exit codes above."""
-    from model import CheckpointError  # torch: the caller has imported it already
     try:
         result = fn(*args, **kwargs)
         flush_stdout()  # a closed or full stdout shows here, not in the interpreter's exit

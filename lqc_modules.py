@@ -58,6 +58,9 @@ def _flat_names():
     first on sys.path and modules of the same names are set aside; afterwards ours move to
     `_lqc.<name>` and the set-aside ones come back."""
     aside = {n: sys.modules.pop(n) for n in FLAT if n in sys.modules}
+    # files of ours loaded before keep serving under their bare names: one `cli`, one `model`, ...
+    # whichever order a user reaches them in
+    sys.modules.update({n: sys.modules[f"_lqc.{n}"] for n in FLAT if f"_lqc.{n}" in sys.modules})
     sys.path.insert(0, str(FOLDER))
     try:
         yield

@@ -80,3 +80,17 @@ def test_check_cuda_checks_pass_on_the_cpu(capsys):
     assert check_cuda.main("cpu", ["dense", "flex", "bf16", "lqc_hf"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [l.split()[:2] for l in lines[1:]] == [["ok", "dense"], ["ok", "flex"], ["ok", "bf16"], ["ok", "lqc_hf"]]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget", "0"], "--budget must be > 0"),
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--method", "bogus"], "invalid choice: 'bogus'"),
+    (["--ckpt", "/nonexistent/model.gguf"], "not found"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "not available here")]))
+def test_api_example_fails_the_way_the_cli_does(flags, message):
+    """The examples are what users copy: bad input is one line and exit 2, as in generate.py."""
+    r = subprocess.run([sys.executable, str(EXAMPLES / "api.py"), *flags], capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr

@@ -8,33 +8,34 @@ its question with one method and budget, print the answer.
 
 The same steps by hand: generate.prefill -> generate.evict (lqc.plan_eviction) -> generate.decode.
 """
-import argparse
 from pathlib import Path
 
 import torch
 
 import lqc
-from lqc_modules import checkpoint, generate  # lqc's model.py/generate.py, under private names
+from lqc_modules import checkpoint, cli, generate  # lqc's files, under private names
 
 DOC = Path(__file__).parent / "doc.txt"  # a document whose last line is a question
 
 
 def answer(ckpt: str, method: str, budget: int, max_new_tokens: int, device: str, dtype: str) -> str:
-    model, tok = checkpoint.load(ckpt, device, getattr(torch, dtype))
+    cfg = cli.evict_config(method=method, budget=budget)  # window, lookahead, pooling: keyword fields
+    cli.positive("--max-new-tokens", max_new_tokens)
+    dev, dt = generate.check_device(device, dtype)  # a bad flag is one line, before any model work
+    model, tok = checkpoint.load(ckpt, dev, dt)
     ids = tok.prompt_ids(DOC.read_text().strip(), chat=tok.chat_format is not None)
-    cfg = lqc.EvictConfig(method=method, budget=budget)  # window, lookahead, pooling: keyword fields
     out, stats = generate.run(model, ids, cfg, max_new_tokens=max_new_tokens, eos_ids=tok.eos_ids)
     print(f"[{method}] {stats.line()}")
     return tok.decode(out)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Answer examples/doc.txt's question with KV-cache eviction.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # cli's parser and exit wrapper: bad input is one line and exit 2, as in generate.py
+    p = cli.ArgParser(description="Answer examples/doc.txt's question with KV-cache eviction.")
     p.add_argument("--ckpt", default="smollm2", help="short name, .gguf file, HF directory or hub id")
     p.add_argument("--method", default="laqpp", choices=lqc.method_names())
     p.add_argument("--budget", type=int, default=64, help="kept prompt entries per KV head per layer")
     p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    print(answer(**vars(p.parse_args())))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    print(cli.exit_on_bad_input("api.py", answer, **vars(p.parse_args())))
