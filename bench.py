@@ -433,7 +433,8 @@ def parse_args(argv=None):
     p.add_argument("--peer-tokens", type=int, default=64, help="new tokens per end-to-end peer run")
     p.add_argument("--peer-budget", type=int, default=256, help="entries kept by lqc snapkv and SnapKVPress")
     p.add_argument("--e2e-tokens", type=int, default=64,
-                   help="end to end (prefill + evict + this many tokens) for snapkv, laq, laqpp, with and without reuse; 0: skip")
+                   help="end to end (prefill + evict + this many tokens) for snapkv and each --methods method but H2O, "
+                        "the lookahead methods (laq, laqpp) also with reuse of their pseudo tokens; 0: skip")
     p.add_argument("--verify-draft-lens", type=int, nargs="+", default=[], metavar="K",
                    help="with --e2e-tokens: also full-cache decoding and --verify full with these draft lengths")
     p.add_argument("--cache-limit", type=int, default=None,
