@@ -195,7 +195,8 @@ def make_vt(tok, length, depth, seed, *, haystack="varied", name="vt") -> Sample
     names = set()
     while len(names) < 2 * hops:
         names.add("".join(rng.choices(string.ascii_uppercase, k=5)))
-    names = sorted(names, key=lambda _: rng.random())
+    names = sorted(names)  # a set's order varies by process (string hashing): sort, then shuffle
+    rng.shuffle(names)
     chain, other = names[:hops], names[hops:]
     value, decoy = str(rng.randint(10000, 99999)), str(rng.randint(10000, 99999))
     lines = lambda vs, v: [f"VAR {vs[0]} = {v}."] + [f"VAR {b} = VAR {a}." for a, b in zip(vs, vs[1:])]
@@ -215,7 +216,8 @@ def make_cwe(tok, length, depth, seed, *, name="cwe", n_common=10, common_freq=3
     """Common words extraction: a numbered list where 10 words appear 30 times each and many others 3
     times; asked for the 10 most common. The list fills the length (no haystack; depth unused)."""
     rng = random.Random(f"{name}-{length}-{seed}")
-    vocab = sorted({f"{a}{b}" for a in _ADJECTIVES for b in _NOUNS}, key=lambda _: rng.random())
+    vocab = sorted({f"{a}{b}" for a in _ADJECTIVES for b in _NOUNS})  # sorted first: a set's order varies by process
+    rng.shuffle(vocab)
     common, rare = vocab[:n_common], vocab[n_common:]
     question = "Question: What are the 10 most common words in the above list?"
     prefix = "Answer: The top 10 words that appear most often in the list are:"
