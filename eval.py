@@ -85,15 +85,9 @@ def task_prompt_ids(tok, task: Task, then: str = "") -> list[int]:
     return tok.prompt_ids(task.context, chat=tok.chat_format is not None, answer_prefix=task.answer_prefix + then)
 
 
-def _overhead(tok, prefix: str) -> int:
-    """Tokens the chat template and the answer prefix add around the user message (+ slack for
-    merges at the seams)."""
-    return len(tok.prompt_ids("", chat=tok.chat_format is not None, answer_prefix=prefix)) + 4
-
-
 def _haystack(tok, rng, n_tokens: int, depth: float, needle: str, question: str, prefix: str) -> tuple[str, int]:
     """Filler of about n_tokens prompt tokens with `needle` inserted at `depth` (between sentences)."""
-    sents = take_filler(tok, rng, n_tokens - len(tok.encode(needle + " " + question)) - _overhead(tok, prefix))
+    sents = take_filler(tok, rng, n_tokens - len(tok.encode(needle + " " + question)) - ruler.overhead(tok, prefix, slack=4))
     at = round(depth * len(sents))
     before = " ".join(sents[:at])
     text = (before + " " if before else "") + needle + " " + " ".join(sents[at:])
@@ -126,7 +120,8 @@ def make_multikey(tok, length, depth, seed, n_keys=40) -> Task:
     target = min(n_keys - 1, round(depth * (n_keys - 1)))
     lines = [f"The value of key {k} is {v}." for k, v in zip(keys, values)]
     question, prefix = f"What is the value of key {keys[target]}?", f"The value of key {keys[target]} is "
-    budget = length - sum(len(tok.encode(" " + x)) for x in lines) - len(tok.encode(question)) - _overhead(tok, prefix)
+    budget = (length - sum(len(tok.encode(" " + x)) for x in lines) - len(tok.encode(question))
+              - ruler.overhead(tok, prefix, slack=4))
     fill = take_filler(tok, rng, budget)
     parts, at = [], -1
     for i, line in enumerate(lines):  # each line followed by an equal share of the filler
@@ -148,7 +143,7 @@ def make_listing(tok, length, depth, seed, n_items=48) -> Task:
     question = f"Write out all {n_items} codes in order, one per line, as 'Code <number> is <value>.'"
     prefix = "Code 1 is"
     listing = f" Here is the list of codes. {codes} That is the whole list. "
-    fill = take_filler(tok, rng, length - len(tok.encode(listing + question)) - _overhead(tok, prefix))
+    fill = take_filler(tok, rng, length - len(tok.encode(listing + question)) - ruler.overhead(tok, prefix, slack=4))
     before, after = " ".join(fill[:len(fill) // 2]), " ".join(fill[len(fill) // 2:])
     ctx = f"{before}{listing}{after}\n\n{question}"
     return Task("listing", ctx, prefix, f" {values[0]}.", length, 0.5, len(before) + 1, values=tuple(values))
@@ -617,7 +612,7 @@ def run_suite(model, tok, args, out: Path, samples: list) -> list[dict]:
         append_line(path, {"key": sample_key(s), "rows": new})
         rows += new
         full = next((r["acc"] for r in new if r["method"] == "full"), float("nan"))
-        print(f"eval.py: [{i + 1}/{len(todo)}] {s.name} {s.length} tok ({len(task_prompt_ids(tok, s))}): "
+        print(f"eval.py: [{i + 1}/{len(todo)}] {s.name} {s.length} tok ({new[0]['prompt_tokens']}): "
               f"{clock.seconds[s.length][-1]:.0f} s, full cache {full:.2f}; elapsed {clock.elapsed() / 60:.1f} min, "
               f"left ~{clock.eta([t.length for t in todo[i + 1:]]) / 60:.0f} min", file=sys.stderr, flush=True)
     return rows

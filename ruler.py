@@ -108,9 +108,10 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _overhead(tok, prefix: str) -> int:
-    """Tokens the chat template and the answer prefix add around the user message (+ slack)."""
-    return len(tok.prompt_ids("", chat=tok.chat_format is not None, answer_prefix=prefix)) + 8
+def overhead(tok, prefix: str, slack: int = 8) -> int:
+    """Tokens the chat template and the answer prefix add around the user message, + slack for
+    merges at the seams."""
+    return len(tok.prompt_ids("", chat=tok.chat_format is not None, answer_prefix=prefix)) + slack
 
 
 def _key(rng) -> str:
@@ -179,7 +180,7 @@ def make_niah(tok, length, depth, seed, *, kind="number", n_keys=1, n_values=1, 
         question = f"What is the special magic {kind} for {what} mentioned in the provided text?"
         prefix = f"The special magic {kind} for {what} mentioned in the provided text is"
     frame = _niah_frame(kind, "", question)
-    body, first = _haystack_with(tok, rng, length - len(tok.encode(frame)) - _overhead(tok, prefix), needles, haystack)
+    body, first = _haystack_with(tok, rng, length - len(tok.encode(frame)) - overhead(tok, prefix), needles, haystack)
     expected = tuple(v for k in asked for v in values[k])
     per_value = {"number": 10, "word": 6, "uuid": 30}[kind]
     return Sample(name, _niah_frame(kind, body, question), prefix, expected, length, depth,
@@ -206,7 +207,7 @@ def make_vt(tok, length, depth, seed, *, haystack="varied", name="vt") -> Sample
     prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, {hops} variables are "
               f"assigned the value {value}, they are:")
     head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-    body, first = _haystack_with(tok, rng, length - len(tok.encode(head + question)) - _overhead(tok, prefix),
+    body, first = _haystack_with(tok, rng, length - len(tok.encode(head + question)) - overhead(tok, prefix),
                                  needles, haystack)
     return Sample(name, f"{head}{body}\n{question}", prefix, tuple(chain), length, depth, max_new=8 + 5 * hops,
                   haystack=haystack, seed=seed, needle_char=len(head) + first)
@@ -222,7 +223,7 @@ def make_cwe(tok, length, depth, seed, *, name="cwe", n_common=10, common_freq=3
     question = "Question: What are the 10 most common words in the above list?"
     prefix = "Answer: The top 10 words that appear most often in the list are:"
     head = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n"
-    room = length - len(tok.encode(head + question)) - _overhead(tok, prefix)
+    room = length - len(tok.encode(head + question)) - overhead(tok, prefix)
     per_word = len(tok.encode(f" 100. {common[0]}"))
     # RULER's 30 repetitions from 4k tokens on; shorter lists repeat the common words less, keeping
     # them at most half the list and clearly above the rare words' 3
@@ -250,7 +251,7 @@ def make_fwe(tok, length, depth, seed, *, name="fwe", alpha=2.0) -> Sample:
     question = "Question: Do not provide any explanation. Please ignore the dots '....'. What are the three most frequently appeared words in the above coded text?"
     prefix = "Answer: According to the coded text above, the three most frequently appeared words are:"
     head = "Read the following coded text and track the frequency of each coded word. Find the three most frequently appeared coded words. "
-    room = length - len(tok.encode(head + question)) - _overhead(tok, prefix)
+    room = length - len(tok.encode(head + question)) - overhead(tok, prefix)
     words, used = [], 0
     while True:
         w = rng.choices(vocab, weights)[0]
