@@ -31,8 +31,8 @@ def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify
 
 
 class Evictor:
-    """Bounded memory (a cache limit): before each decode round, when the fullest KV head has no room
-    for the round's entries, evict down to `limit - every` in one go (`lqc.plan_limit`), so the
+    """Bounded memory (a cache limit): before each decode round, each row whose fullest KV head has no
+    room for the round's entries is evicted down to `limit - every` in one go (`lqc.plan_limit`), so the
     scoring cost is paid once per `every` tokens. `step` wraps the single-token step `step(tokens,
     pos, cache) -> (logits, queries per layer)` to keep the queries the rule reads: the last
     `window` decode queries (seeded with the last prompt queries), or, for H2O, the queries since
@@ -62,15 +62,19 @@ class Evictor:
             self.queries.append((q, pos))  # fresh tensors: make_step copies them out of a CUDA graph
         return logits
 
-    def __call__(self, cache, n: int = 1):
-        full = int(cache.kept().max()) + n > self.limit
-        if full or self.needs_mass and len(self.queries) >= self.every:
+    def __call__(self, cache, n: int = 1, live: torch.Tensor | None = None):
+        """Before a round that feeds n entries; live `[B]`: the rows still decoding (a finished row's
+        cache is left as it ended)."""
+        full = cache.kept().amax(dim=(0, 2)) + n > self.limit  # [B]: a row is evicted when it is full, as alone
+        if live is not None:
+            full &= live
+        if full.any() or self.needs_mass and len(self.queries) >= self.every:
             sync(cache.k[0].device)
             t = time.perf_counter()
             if self.needs_mass:
                 self.add_mass(cache)
-            if full:
-                self.evict(cache, self.limit - max(self.every, n))
+            if full.any():
+                self.evict(cache, self.limit - max(self.every, n), rows=None if full.all() else full)
             sync(cache.k[0].device)
             self.seconds += time.perf_counter() - t
 
@@ -86,10 +90,10 @@ class Evictor:
         self.mass = [lqc.accumulate_mass(m, ql, k, q_pos, p) for m, ql, k, p in zip(self.mass, q, cache.k, cache.pos)]
         self.queries.clear()
 
-    def evict(self, cache, keep: int):
+    def evict(self, cache, keep: int, rows: torch.Tensor | None = None):
         q, q_pos = self.stacked_queries() if self.needs_queries else (None, None)
         indices = lqc.plan_limit(self.cfg, keep, keys=cache.k, positions=cache.pos, queries=q, q_pos=q_pos,
-                                 mass=self.mass)
+                                 mass=self.mass, rows=rows)
         cache.compact(indices)
         if self.mass is not None:  # the kept entries' totals, padded to the cache's columns (a static cache keeps its width)
             self.mass = [F.pad(lqc.take(m, i, 0.0), (0, k.shape[2] - i.shape[-1]))

@@ -301,3 +301,31 @@ def write_json(path: Path, obj):
 
 def write_text(path: Path, text: str):
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def append_line(path: Path, obj):
+    """One JSON line, written with one call and flushed to disk: a kill leaves whole lines (and at
+    most a cut last one, which `whole_lines` drops)."""
+    data = (json.dumps(finite_or_none(obj), allow_nan=False) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise CannotWrite(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def whole_lines(path: Path) -> list[str]:
+    """The whole lines of a JSONL file that `append_line` writes; a last line cut short by a kill is
+    dropped and the file is cut back to its last whole line, so the next append starts clean."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    whole = raw[: raw.rfind(b"\n") + 1]
+    if len(whole) < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+    return whole.decode("utf-8", errors="replace").splitlines()

@@ -528,14 +528,8 @@ def suite_config(args) -> dict:
 def read_done(path: Path, config: dict) -> dict:
     """{sample key: rows} already in results.jsonl (one line per prompt, appended as each finishes).
     A last line cut short by a kill is dropped (the file is cut back to its last whole line)."""
-    if not path.exists():
-        return {}
-    done, raw = {}, path.read_bytes()
-    whole = raw[: raw.rfind(b"\n") + 1]
-    if len(whole) < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(len(whole))
-    for n, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
+    done = {}
+    for n, line in enumerate(cli.whole_lines(path), 1):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -547,21 +541,6 @@ def read_done(path: Path, config: dict) -> dict:
         if "key" in rec:
             done[rec["key"]] = rec["rows"]
     return done
-
-
-def append_line(path: Path, obj):
-    """One JSON line, written with one call and flushed to disk: a kill leaves whole lines (and at
-    most a cut last one, which `read_done` drops)."""
-    data = (json.dumps(cli.finite_or_none(obj), allow_nan=False) + "\n").encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise cli.CannotWrite(f"cannot write {path}: {e.strerror or e}") from None
 
 
 class Clock:
@@ -594,7 +573,7 @@ def run_suite(model, tok, args, out: Path, samples: list) -> list[dict]:
     path, config = out / "results.jsonl", suite_config(args)
     done = read_done(path, config)
     if not path.exists():
-        append_line(path, {"config": config})
+        cli.append_line(path, {"config": config})
     todo = [s for s in samples if sample_key(s) not in done]
     rows = [r for rs in done.values() for r in rs]
     if done:
@@ -609,7 +588,7 @@ def run_suite(model, tok, args, out: Path, samples: list) -> list[dict]:
         t0 = time.perf_counter()
         new = evaluate_sample(model, tok, s, args.methods, sorted(args.budgets), args)
         clock.seconds[s.length].append(time.perf_counter() - t0)
-        append_line(path, {"key": sample_key(s), "rows": new})
+        cli.append_line(path, {"key": sample_key(s), "rows": new})
         rows += new
         full = next((r["acc"] for r in new if r["method"] == "full"), float("nan"))
         print(f"eval.py: [{i + 1}/{len(todo)}] {s.name} {s.length} tok ({new[0]['prompt_tokens']}): "

@@ -58,7 +58,6 @@ class Prefill:
     obs: lqc.Observation  # what eviction reads besides the cache: last logits, queries, H2O's mass
 
 
-@torch.no_grad()
 def prefill(model, ids: torch.Tensor, *, chunk: int | None = None, keep_queries: int = 0, h2o: bool = False,
             pad: torch.Tensor | None = None) -> Prefill:
     """Run the prompts `[B, L]` through the model in chunks of `chunk` tokens. By default the whole
@@ -67,6 +66,19 @@ def prefill(model, ids: torch.Tensor, *, chunk: int | None = None, keep_queries:
     H2O (which needs every query) go in chunks of 512, so their masks and queries stay chunk x L.
     Keeps the last `keep_queries` queries per layer and, for H2O, the attention mass every key
     receives from all prompt queries."""
+    chunks = prefill_chunks(model, ids, chunk=chunk, keep_queries=keep_queries, h2o=h2o, pad=pad)
+    while True:
+        try:
+            next(chunks)
+        except StopIteration as done:
+            return done.value
+
+
+@torch.no_grad()  # on a generator: each resumption runs without grad, wherever the caller is
+def prefill_chunks(model, ids: torch.Tensor, *, chunk: int | None = None, keep_queries: int = 0, h2o: bool = False,
+                   pad: torch.Tensor | None = None):
+    """`prefill` one chunk at a time: a generator that yields the tokens fed so far after each chunk
+    and returns the `Prefill` (a server decodes its running requests between a new one's chunks)."""
     B, L = ids.shape
     if chunk is None:
         chunk = L if pad is None and not h2o else 512
@@ -87,6 +99,7 @@ def prefill(model, ids: torch.Tensor, *, chunk: int | None = None, keep_queries:
         if keep_queries:  # the window may straddle two chunks
             obs_q = qs if obs_q is None else [torch.cat([a, b], 2) for a, b in zip(obs_q, qs)]
             obs_q = [q[:, :, -keep_queries:] for q in obs_q]
+        yield min(s + chunk, L)
     obs_pos = pos_all[:, L - (obs_q[0].shape[2] if obs_q else 0):]
     next_pos = pos_all[:, -1] + 1  # [B]
     return Prefill(cache, lqc.Observation(logits[:, -1], next_pos, obs_q, obs_pos, mass))
@@ -138,7 +151,7 @@ def decode(model, cache, logits, next_pos, *, max_new_tokens: int, eos_ids=(), s
         proposal = draft.propose(pending, logits, pos, left - 1, gen) if draft else None
         tokens, q = proposal or (pos.new_zeros(B, 0), None)  # [B, k]
         if evictor:
-            evictor(cache, tokens.shape[1] + (pending is not None))
+            evictor(cache, tokens.shape[1] + (pending is not None), live=~done)
         n, nxt = accept(target_logits(model, step, cache, pending, tokens, pos, logits), tokens, q, sampling, gen)
         if draft:
             draft.drafted += tokens.shape[1] * int((~done).sum())
@@ -194,7 +207,7 @@ def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=(), fast: FastPa
     def lookahead_step(kept):
         if fast is None:
             return query_step(model, pre.cache.gather(kept))
-        scratch = fast.pack(model, pre.cache.gather(kept))
+        scratch = fast.pack(model, pre.cache.gather(kept), extra=max(fast.extra, cfg.lookahead))
         return lambda tokens, pos: fast(tokens, pos, scratch)
     indices = lqc.plan_eviction(cfg, pre.obs, keys=pre.cache.k, positions=pre.cache.pos, eos_ids=eos_ids,
                                 lookahead_step=lookahead_step, on_pseudo=on_pseudo)
@@ -228,15 +241,18 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
         raise ValueError(f"verify={verify!r}: None (no verification) or 'full'")
     k = draft_tokens(cfg, reuse, verify, min(draft_len, max_new_tokens))  # a round never drafts past the answer
     room = max_new_tokens + 2 * k + 1  # a round may feed k tokens past the end (see decode)
+    capacity = None
     if cache_limit is not None:
         check_limit(cfg, cache_limit, evict_every, verify, draft=k)
-        cfg = replace(cfg, budget=min(cfg.budget, cache_limit))
         # capacity = the limit (the evictor makes room before each round), or what the run can ever
-        # hold (prompt + answer + a round's draft) when the limit is above that
-        room = min(cache_limit, x.shape[1] + room) - cfg.budget
+        # hold (prompt + answer + a round's draft) when the limit is above that; no layer or head
+        # keeps more of the prompt (PyramidKV's and Ada-KV's wider shares are cut to it)
+        capacity = min(cache_limit, x.shape[1] + room)
+        cfg = replace(cfg, budget=min(cfg.budget, capacity), cap=capacity)
     fp = None
     if fast or compile:
-        fp = FastPath(step or make_step(model, compile), max(room, cfg.lookahead), flex=compile and flex_available(device))
+        extra = max(room, cfg.lookahead) if capacity is None else 0
+        fp = FastPath(step or make_step(model, compile), extra, flex=compile and flex_available(device), capacity=capacity)
     sync(device)  # on CUDA, the stages' times are the GPU's, not the launches'
     t0 = time.perf_counter()
     pre = prefill(model, x, chunk=prefill_chunk, keep_queries=cfg.obs_window, h2o=cfg.needs_mass,

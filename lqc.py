@@ -209,7 +209,7 @@ def limit_attention(cfg, k, k_pos, keep, *, q=None, q_pos=None, mass=None):
 
 
 def plan_limit(cfg: "EvictConfig", keep: int, *, keys: list, positions: list, queries: list | None = None,
-               q_pos: torch.Tensor | None = None, mass: list | None = None) -> list:
+               q_pos: torch.Tensor | None = None, mass: list | None = None, rows: torch.Tensor | None = None) -> list:
     """Kept indices per layer `[B, H_kv, keep]` (sorted; for `gather`) when a full cache must shrink
     to `keep` entries per KV head during decoding, by the method's `limit_scores` (the table's
     entry): StreamingLLM keeps sinks and the newest entries; H2O the newest and the heaviest by
@@ -218,11 +218,21 @@ def plan_limit(cfg: "EvictConfig", keep: int, *, keys: list, positions: list, qu
     (per layer, at q_pos `[B, w]`) attend to most, pooled. The real answer's queries are what
     LAQ's pseudo queries stood in for; PyramidKV's and Ada-KV's shares shaped the prompt's budget,
     the limit is the same for every head.
-    keys / positions: the cache per layer `[B, H_kv, S, D]` / `[B, H_kv, S]`."""
+    keys / positions: the cache per layer `[B, H_kv, S, D]` / `[B, H_kv, S]`. rows `[B]` (bool): only
+    these rows shrink; the others keep every entry, as they would alone (a batch evicts a row when
+    that row is full, not when the fullest row is)."""
     n = len(keys)
     queries, mass = queries or [None] * n, mass or [None] * n
-    return [select(score_limit(cfg, k, p, keep, q=q, q_pos=q_pos, mass=m), keep)
-            for k, p, q, m in zip(keys, positions, queries, mass)]
+    out = []
+    for k, p, q, m in zip(keys, positions, queries, mass):
+        scores, budget = score_limit(cfg, k, p, keep, q=q, q_pos=q_pos, mass=m), keep
+        if rows is not None:
+            valid = p >= 0  # [B, H_kv, S]
+            everything = torch.zeros_like(scores).masked_fill(~valid, float("-inf"))
+            scores = torch.where(rows[:, None, None], scores, everything)
+            budget = torch.where(rows[:, None], keep, valid.sum(-1))  # [B, H_kv]
+        out.append(select(scores, budget))
+    return out
 
 
 def carry(values: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor) -> torch.Tensor:
@@ -332,6 +342,8 @@ class EvictConfig:
     sinks: int = 4  # StreamingLLM
     beta: float = 20  # PyramidKV
     alpha: float = 0.2  # Ada-KV floor
+    cap: int | None = None  # at most this many kept entries per KV head (a cache limit): PyramidKV's and
+    # Ada-KV's wider layers and heads are cut to it, so the cache's capacity is the limit
 
     def __post_init__(self):
         """Every range, checked here only (the command lines turn these errors into flag names)."""
@@ -342,6 +354,8 @@ class EvictConfig:
         if self.pool not in ("max", "avg"):
             raise ValueError(f"pool must be max or avg (got {self.pool!r})")
         # window_laqpp 0 would be LAQ: a method of its own
+        if self.cap is not None and not self.cap >= self.budget:
+            raise ValueError(f"cap must be >= budget (got {self.cap} and {self.budget})")
         for name, low in (("window", 1), ("window_laqpp", 1), ("lookahead", 1), ("sinks", 0)):
             if not getattr(self, name) >= low:
                 raise ValueError(f"{name} must be >= {low} (got {getattr(self, name)})")
@@ -466,7 +480,10 @@ def plan_eviction(cfg: EvictConfig, obs: Observation, *, keys: list, positions: 
     scores = method.scores(cfg, obs, keys, positions)
     if method.lookahead:
         scores = lookahead_scores(cfg, obs, keys, positions, scores, lookahead_step, eos_ids, on_pseudo)
-    indices = [select(s, b, keep_last) for s, b in zip(scores, method.allocate(cfg, scores, keep_last))]
+    budgets = method.allocate(cfg, scores, keep_last)
+    if cfg.cap is not None:
+        budgets = [torch.as_tensor(b).clamp(max=cfg.cap) for b in budgets]
+    indices = [select(s, b, keep_last) for s, b in zip(scores, budgets)]
     return keep_short_rows(indices, positions[0], cfg.budget)
 
 

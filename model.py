@@ -184,12 +184,16 @@ class KVCache:
         their slots become empty, and columns left empty at the end are cut, so a batch whose rows
         agree is exactly as if the rejected tokens had never been fed."""
         for l, pos in enumerate(self.pos):
-            pos = pos.masked_fill(pos >= limit[:, None, None], -1)  # [B, H_kv, T]
+            # in place where the entries are the prefix of their buffers, so the room stays and the
+            # next append writes in place (verify mode rewinds every round: no copy of the cache per
+            # round); the rejected entries are dropped, so nothing may read them any more
+            roomy = self._has_room(l, self.width(l))
+            drop = pos >= limit[:, None, None]  # [B, H_kv, T]
+            pos = pos.masked_fill_(drop, -1) if roomy else pos.masked_fill(drop, -1)
             width = int((pos >= 0).flatten(0, 1).any(0).nonzero().max()) + 1
             self.k[l], self.v[l], self.pos[l] = self.k[l][:, :, :width], self.v[l][:, :, :width], pos[:, :, :width]
-        # the next append makes new room: writing past `width` in place would overwrite the
-        # rejected entries under any view of them handed out before
-        self.room = [None] * len(self.k)
+            if not roomy:
+                self.room[l] = None
 
     def compact(self, indices: list[torch.Tensor]):
         """In place: keep only the entries `indices[l]` (decode-time eviction, a cache limit)."""
@@ -225,6 +229,14 @@ class KVCache:
         return self.width(0)
 
 
+def valid_first(cache: KVCache) -> list[tuple]:
+    """Per layer (k, v, pos) with each head's valid entries first, in order, as wide as the fullest head."""
+    valid = [p >= 0 for p in cache.pos]  # [B, H, S] per layer
+    width = max(int(m.sum(-1).max()) for m in valid)
+    return [gather((~m).to(torch.int8).argsort(dim=-1, stable=True)[..., :width], k, v, p)
+            for m, k, v, p in zip(valid, cache.k, cache.v, cache.pos)]
+
+
 class StaticKVCache(nn.Module):
     """The fast path's cache: per layer fixed-capacity buffers K, V `[B, H_kv, C, D]`, a position per
     slot `[B, H_kv, C]` (-1 = empty) and a valid length per head `[B, H_kv]`: each head's entries
@@ -235,11 +247,11 @@ class StaticKVCache(nn.Module):
     not views.
     """
 
-    BLOCK = 128  # FlexAttention's KV block; the capacity is rounded up to a multiple of it
+    BLOCK = 128  # FlexAttention's KV block; with flex the capacity is rounded up to a multiple of it
 
     def __init__(self, n_layers, batch, n_kv_heads, capacity, head_dim, group, dtype, device, flex=False):
         super().__init__()
-        C = -(-capacity // self.BLOCK) * self.BLOCK
+        C = -(-capacity // self.BLOCK) * self.BLOCK if flex else capacity
         self.group, self.flex = group, flex
         for l in range(n_layers):
             self.register_buffer(f"k{l}", torch.zeros(batch, n_kv_heads, C, head_dim, dtype=dtype, device=device))
@@ -262,16 +274,31 @@ class StaticKVCache(nn.Module):
     length = property(lambda self: self._layers("length"))
 
     @classmethod
-    def from_cache(cls, cache: KVCache, extra: int, group: int, flex: bool = False) -> "StaticKVCache":
-        """Pack a (compacted) KVCache, leaving room for `extra` new tokens per head."""
+    def from_cache(cls, cache: KVCache, extra: int, group: int, flex: bool = False,
+                   capacity: int | None = None) -> "StaticKVCache":
+        """Pack a (compacted) KVCache, leaving room for `extra` new tokens per head, in at least
+        `capacity` slots per head (a cache limit sizes every cache of a run alike)."""
         B, H, _, D = cache.k[0].shape
-        valid = [p >= 0 for p in cache.pos]  # [B, H, S] per layer
-        width = max(int(m.sum(-1).max()) for m in valid)
-        out = cls(len(cache.k), B, H, width + extra, D, group, cache.k[0].dtype, cache.k[0].device, flex)
-        for l, m in enumerate(valid):
-            order = (~m).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]  # valid entries first, in order
-            out._place(l, *gather(order, cache.k[l], cache.v[l], cache.pos[l]))
+        entries = valid_first(cache)
+        width = entries[0][2].shape[-1]
+        out = cls(len(cache.k), B, H, max(width + extra, capacity or 0), D, group, cache.k[0].dtype,
+                  cache.k[0].device, flex)
+        for l, kvp in enumerate(entries):
+            out._place(l, *kvp)
         return out
+
+    def load(self, row: int, cache: KVCache):
+        """Write a (compacted) cache of batch 1 into batch row `row` (a server's slot), in place:
+        the other rows, the shapes and the addresses stay, so a compiled step runs on."""
+        entries = valid_first(cache)
+        if entries[0][2].shape[-1] > self.capacity:
+            raise ValueError(f"{entries[0][2].shape[-1]} entries per KV head do not fit a row of {self.capacity}")
+        for l, kvp in enumerate(entries):
+            self._place(l, *kvp, rows=slice(row, row + 1))
+
+    def clear(self, rows: torch.Tensor):
+        """Empty the rows where `rows` `[B]` (bool) is set: no entry of theirs is seen any more."""
+        self.rewind(torch.where(rows, 0, torch.iinfo(torch.long).max))
 
     def compact(self, indices: list[torch.Tensor]):
         """In place: per layer, the entries `indices[l]` `[B, H_kv, K]` (sorted, so valid entries
@@ -280,14 +307,14 @@ class StaticKVCache(nn.Module):
         for l, idx in enumerate(indices):
             self._place(l, *gather(idx, self._buf("k", l), self._buf("v", l), self._buf("pos", l)))
 
-    def _place(self, layer: int, k, v, pos):
+    def _place(self, layer: int, k, v, pos, rows=slice(None)):
         """Entries k, v `[B, H_kv, K, D]` at pos `[B, H_kv, K]` (valid ones first) into the first K
-        slots of each head; the slots after them become empty."""
+        slots of each head of `rows`; the slots after them become empty."""
         K = pos.shape[-1]
         kb, vb, pb = (self._buf(name, layer) for name in ("k", "v", "pos"))
-        kb[:, :, :K], vb[:, :, :K], pb[:, :, :K] = k, v, pos
-        pb[:, :, K:] = -1
-        self._buf("length", layer).copy_((pos >= 0).sum(-1))
+        kb[rows, :, :K], vb[rows, :, :K], pb[rows, :, :K] = k, v, pos
+        pb[rows, :, K:] = -1
+        self._buf("length", layer)[rows] = (pos >= 0).sum(-1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Write k, v `[B, H_kv, T, D]` at positions `[B, T]` into each head's next free slots."""

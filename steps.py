@@ -46,9 +46,10 @@ def make_step(model, compile: bool):
     return cuda_graph_step
 
 
-def to_static(model, cache, extra: int, flex: bool):
+def to_static(model, cache, extra: int, flex: bool, capacity: int | None = None):
     """Pack a (compacted) cache into the fast path's fixed-capacity buffers."""
-    return M.StaticKVCache.from_cache(cache, extra, model.args.n_heads // model.args.n_kv_heads, flex=flex)
+    return M.StaticKVCache.from_cache(cache, extra, model.args.n_heads // model.args.n_kv_heads, flex=flex,
+                                      capacity=capacity)
 
 
 def plain_step(model):
@@ -83,9 +84,10 @@ class FastPath:
     extra: int  # room for new tokens beyond the kept entries
     flex: bool = False  # FlexAttention block masks (the compiled path)
     compile_s: float = 0.0  # time of the step's first call when compiled
+    capacity: int | None = None  # slots per head of every packed cache, at least (a cache limit: exactly)
 
-    def pack(self, model, cache):
-        return to_static(model, cache, self.extra, self.flex)
+    def pack(self, model, cache, extra: int | None = None):
+        return to_static(model, cache, self.extra if extra is None else extra, self.flex, self.capacity)
 
     def __call__(self, tokens, pos, cache):
         if self.compile_s or not self.flex:

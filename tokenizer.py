@@ -42,10 +42,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_piece_size() if self.kind == "spm" else self.backend.get_vocab_size(with_added_tokens=True)
 
-    def prompt_ids(self, text: str, chat: bool, answer_prefix: str = "") -> list[int]:
-        """Token ids of a user prompt, in the checkpoint's chat format when `chat` and it has one."""
+    def prompt_ids(self, text: str, chat: bool, answer_prefix: str = "", system: str | None = None) -> list[int]:
+        """Token ids of a user prompt, in the checkpoint's chat format when `chat` and it has one;
+        `system` replaces the checkpoint's default system prompt."""
         if chat and self.chat_format:
-            ids = self.encode_frame([*chat_frame(self.chat_format, text, self.system_prompt, self.chat_bos), answer_prefix])
+            system = self.system_prompt if system is None else system
+            ids = self.encode_frame([*chat_frame(self.chat_format, text, system, self.chat_bos), answer_prefix])
         else:
             ids = ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + self.encode(text + answer_prefix)
         return self.check_ids(ids)
