@@ -261,7 +261,7 @@ def limit_rows(model, tok, args, device) -> list[dict]:
                                evict_every=args.evict_every)
         k = min(64, len(stamps) // 2)
         cache = last[0]
-        row = dict(length=n, method=method, limit=limit, new_tokens=n_new, evict_every=args.evict_every,
+        row = dict(length=n, method=method, limit=limit, new_tokens=n_new, evict_every=args.evict_every, speed_tokens=k,
                    first_tok_s=k / (stamps[k] - stamps[0]), last_tok_s=k / (stamps[-1] - stamps[-1 - k]),
                    decode_tok_s=stats.new_tokens / stats.decode_s, kv_MB=kv_bytes(cache) / 2**20,
                    kv_alloc_MB=sum(b.untyped_storage().nbytes() for b in cache.k + cache.v) / 2**20, peak_MB=peak_mb(device),
@@ -276,7 +276,8 @@ def limit_rows(model, tok, args, device) -> list[dict]:
 
 
 def limit_markdown(rows) -> str:
-    lines = ["| method | limit | tok/s first 64 | tok/s last 64 | last / first | KV MB held | KV MB allocated | "
+    k = rows[0]["speed_tokens"]  # the speeds are measured over min(64, half the tokens decoded)
+    lines = [f"| method | limit | tok/s first {k} | tok/s last {k} | last / first | KV MB held | KV MB allocated | "
              "peak MB | eviction % of decode | ms per eviction | ms per token |", "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['method']} | {r['limit'] or 'none'} | {r['first_tok_s']:.1f} | {r['last_tok_s']:.1f} | "
@@ -468,6 +469,8 @@ def check_args(args) -> list[str]:
     cli.distinct("--verify-draft-lens", args.verify_draft_lens)
     if args.verify_draft_lens and not args.e2e_tokens:
         raise BadInput("--verify-draft-lens needs --e2e-tokens > 0 (verify mode is timed end to end)")
+    if args.peers and args.cache_limit is not None:
+        raise BadInput("--peers and --cache-limit are two separate runs (peer table, limit table): pass one of them")
     if args.peers:
         check_peers(args)
     if args.cache_limit is not None:
@@ -506,6 +509,12 @@ def check_lengths(args, tok, context: int, notes: list):
     if longest > context:
         raise BadInput(f"--lengths up to {max(args.lengths, default=0)} + {flags} ({longest} tokens) exceed the "
                        f"model's context of {context}")
+    if args.peers:  # the peers evict to --peer-budget, below every length (check_peers)
+        return
+    if args.cache_limit is not None:  # the limit run: --budgets[0] at --lengths[0], decoding within the limit
+        cli.budget_note("limit", args.budgets[0], args.lengths[0], notes, cache_limit=args.cache_limit,
+                        max_new_tokens=args.decode_tokens)
+        return
     cli.budgets_note(args.budgets, args.lengths, notes)
 
 

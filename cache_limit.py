@@ -62,12 +62,10 @@ class Evictor:
             self.queries.append((q, pos))  # fresh tensors: make_step copies them out of a CUDA graph
         return logits
 
-    def __call__(self, cache, n: int = 1, live: torch.Tensor | None = None):
-        """Before a round that feeds n entries; live `[B]`: the rows still decoding (a finished row's
-        cache is left as it ended)."""
-        full = cache.kept().amax(dim=(0, 2)) + n > self.limit  # [B]: a row is evicted when it is full, as alone
-        if live is not None:
-            full &= live
+    def __call__(self, cache, n: int = 1):
+        # [B]: a row is evicted when it is full, as alone (a finished row too: each round still
+        # writes its n entries before rewinding them)
+        full = cache.kept().amax(dim=(0, 2)) + n > self.limit
         if full.any() or self.needs_mass and len(self.queries) >= self.every:
             sync(cache.k[0].device)
             t = time.perf_counter()

@@ -73,9 +73,14 @@ def quiet_ctrl_c():
 
 
 def exit_on_bad_input(prog: str, fn, *args, **kwargs):
-    """Run a CLI's main with the exit codes above."""
+    """Run a CLI's main with the exit codes above. A run that fails leaves no empty --out folder
+    that it created (`start_out`)."""
     try:
-        result = fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException:
+            remove_empty_outputs()
+            raise
         flush_stdout()  # a closed or full stdout shows here, not in the interpreter's exit
         return result
     except (BadInput, CheckpointError) as e:
@@ -196,12 +201,13 @@ def flag_name(field: str) -> str:
 
 
 def evict_config(*, method: str, budget: int, window: int = 32, window_laqpp: int = 8, lookahead: int = 8,
-                 kernel: int = 7, pool: str = "max", notes: list | None = None):
+                 kernel: int = 7, pool: str = "max", notes: list | None = None, cache_limit: int | None = None):
     """lqc.EvictConfig from flags (its ranges are checked there, and named here by their flags),
     with the window rule: a window is part of the budget, so a window larger than the budget is
     clamped to it, and `notes` gets a line saying so (printed once all input is checked, so that bad
     input still ends with exactly one line). Every kept entry is then a recent one, which is what
-    lqc keeps anyway when the window covers the budget."""
+    lqc keeps anyway when the window covers the budget. A --cache-limit below the budget is what
+    the prompt keeps: the windows are clamped to it, and the note names it."""
     import dataclasses
     import lqc  # torch: every caller has imported it by now; cli.py itself stays torch-free (quiet_ctrl_c)
     windows = dict(window=window, window_laqpp=window_laqpp)
@@ -210,14 +216,15 @@ def evict_config(*, method: str, budget: int, window: int = 32, window_laqpp: in
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
         raise BadInput(CONFIG_FLAGS.get(field, field) + str(e)[len(field):]) from None
-    clamped = [name for name in (cfg.entry.windows if cfg.entry else ()) if windows[name] > budget]
+    kept, flag = (budget, "--budget") if cache_limit is None or cache_limit >= budget else (cache_limit, "--cache-limit")
+    clamped = [name for name in (cfg.entry.windows if cfg.entry else ()) if windows[name] > kept]
     if clamped and notes is not None:
-        what = (f"{method}'s lookahead runs on a copy of the cache holding only the {budget} most recent prompt entries"
+        what = (f"{method}'s lookahead runs on a copy of the cache holding only the {kept} most recent prompt entries"
                 if clamped == ["window"] and cfg.looks_ahead else
-                f"{method} keeps only the {budget} most recent prompt entries")
+                f"{method} keeps only the {kept} most recent prompt entries")
         notes.append(" and ".join(f"{flag_name(n)} {windows[n]}" for n in clamped)
-                     + f" > --budget {budget}: clamped to {budget}; {what}")
-    return dataclasses.replace(cfg, **{name: budget for name in clamped})
+                     + f" > {flag} {kept}: clamped to {kept}; {what}")
+    return dataclasses.replace(cfg, **{name: kept for name in clamped})
 
 
 def check_grid(methods: list[str], budgets: list[int], notes: list, **flags):
@@ -230,10 +237,25 @@ def check_grid(methods: list[str], budgets: list[int], notes: list, **flags):
         notes.append(clamped[0] + (f" (and {len(clamped) - 1} more method x budget pairs)" if len(clamped) > 1 else ""))
 
 
-def budget_note(method: str, budget: int, prompt_tokens: int, notes: list):
-    """A budget that covers the whole prompt evicts nothing: say so, since the user asked for eviction."""
-    if method != "full" and budget >= prompt_tokens:
-        notes.append(f"--budget {budget} >= the prompt's {prompt_tokens} tokens: nothing is evicted")
+def budget_note(method: str, budget: int, prompt_tokens: int, notes: list, cache_limit: int | None = None,
+                max_new_tokens: int = 0):
+    """A budget that covers the whole prompt evicts nothing: say so, since the user asked for eviction.
+    Under a cache limit the prompt keeps min(budget, limit), and decoding evicts once the cache
+    (prompt + the answer's tokens fed so far) would pass the limit."""
+    if method == "full":
+        return
+    if cache_limit is None or cache_limit >= budget:
+        if budget < prompt_tokens:
+            return
+        what = f"--budget {budget} >= the prompt's {prompt_tokens} tokens"
+    elif cache_limit < prompt_tokens:
+        return  # the prompt is evicted to the limit; the summary's "KV kept" says so
+    else:
+        what = f"--cache-limit {cache_limit} (below --budget {budget}) >= the prompt's {prompt_tokens} tokens"
+    if cache_limit is not None and prompt_tokens + max_new_tokens - 1 > cache_limit:
+        notes.append(f"{what}: the prompt is kept whole; decoding evicts once the cache holds {cache_limit} entries")
+    else:
+        notes.append(f"{what}: nothing is evicted")
 
 
 def budgets_note(budgets: list[int], lengths: list[int], notes: list):
@@ -259,9 +281,22 @@ def check_out(out: str, overwrite: bool) -> Path:
     return path
 
 
+_CREATED: list[Path] = []  # --out folders this process created (removed again if a failed run left them empty)
+
+
+def remove_empty_outputs():
+    for path in _CREATED:
+        try:
+            path.rmdir()  # only an empty folder
+        except OSError:
+            pass
+
+
 def start_out(path: Path, outputs: list[str]):
     """Just before the first result is written: create the folder and remove an earlier run's
     outputs, so new results never sit beside old figures."""
+    if not path.exists():
+        _CREATED.append(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         for name in outputs:

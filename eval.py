@@ -177,11 +177,16 @@ def load_longbench(path: str, limit: int | None) -> list[Task]:
     return tasks
 
 
-def _is_text(s) -> bool:
-    try:  # JSON may escape a lone surrogate, which no tokenizer takes
-        return isinstance(s, str) and bool(s.strip()) and bool(s.encode("utf-8"))
+def _encodes(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
     except UnicodeEncodeError:
         return False
+
+
+def _is_text(s) -> bool:
+    return isinstance(s, str) and bool(s.strip()) and _encodes(s)  # JSON may escape a lone surrogate
 
 
 def longbench_task(line: str, where: str) -> Task:
@@ -198,6 +203,10 @@ def longbench_task(line: str, where: str) -> Task:
     if not isinstance(r, dict):
         raise BadInput(f"{where} is not a JSON object")
     answers, question = r.get("answers"), r.get("input")
+    strings = [(n, r.get(n)) for n in ("context", "input")] + [("answers", a) for a in (answers if isinstance(answers, list) else [])]
+    for name, value in strings:
+        if isinstance(value, str) and not _encodes(value):
+            raise BadInput(f"{where}: '{name}' is not valid Unicode (a lone surrogate escape such as \\ud800)")
     if not _is_text(r.get("context")):
         raise BadInput(f"{where}: 'context' must be a non-empty string")
     if question is not None and not (question == "" or _is_text(question)):
@@ -346,7 +355,8 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
     with_answer = task_prompt_ids(tok, task, task.answer)
     answer_ids = with_answer[len(ids):] if with_answer[:len(ids)] == ids else tok.encode(task.answer)
     room = model.args.max_seq_len - args.agree_tokens - len(answer_ids)
-    if len(ids) > room:  # as LongBench does: cut the middle, keep both ends (and the chat format)
+    cut_from = len(ids) if len(ids) > room else None
+    if cut_from:  # as LongBench does: cut the middle, keep both ends (and the chat format); main notes it
         ids = ids[:room // 2] + ids[len(ids) - (room - room // 2):]
     L, dev = len(ids), model.tok_embeddings.weight.device
     x = torch.tensor([ids], device=dev)
@@ -381,7 +391,8 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
                              recall=attention_recall(ref, indices), agree=prefix_agreement(out, full_cont),
                              kl=kl_mean(full_tf, cont_tf), accept=draft_acceptance(matches, args.draft_len),
                              evict_share=evict_s / prefill_s,
-                             prefill_s=prefill_s, evict_s=evict_s, output=text[:200], first_token=args.first_token))
+                             prefill_s=prefill_s, evict_s=evict_s, output=text[:200], first_token=args.first_token,
+                             cut_from=cut_from))
     return rows
 
 
@@ -1004,9 +1015,16 @@ def main(args) -> dict:
     cli.start_out(out, OUTPUTS)
     rows, long_answer = [], tasks[0].name == LONG_ANSWER
     score = evaluate_long_answer if long_answer else evaluate_task
+    cut = 0
     for task in tqdm(tasks, desc="eval", unit="prompt"):
-        rows += score(model, tok, task, args.methods, budgets, args)
+        task_rows = score(model, tok, task, args.methods, budgets, args)
+        cut += bool(task_rows and task_rows[0].get("cut_from"))
+        rows += task_rows
         write_results(out, args, rows)
+    if cut:
+        cli.note("eval.py", f"{cut} of {len(tasks)} prompts were longer than the model's context of "
+                            f"{model.args.max_seq_len} tokens (less the answer and --agree-tokens): their middle was cut "
+                            "out, as LongBench does (results.json: prompt_tokens and cut_from per row)")
     caption = run_caption(args, len(tasks))
     if long_answer:
         summary = summarize(rows, LONG_METRICS)

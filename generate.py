@@ -151,7 +151,7 @@ def decode(model, cache, logits, next_pos, *, max_new_tokens: int, eos_ids=(), s
         proposal = draft.propose(pending, logits, pos, left - 1, gen) if draft else None
         tokens, q = proposal or (pos.new_zeros(B, 0), None)  # [B, k]
         if evictor:
-            evictor(cache, tokens.shape[1] + (pending is not None), live=~done)
+            evictor(cache, tokens.shape[1] + (pending is not None))
         n, nxt = accept(target_logits(model, step, cache, pending, tokens, pos, logits), tokens, q, sampling, gen)
         if draft:
             draft.drafted += tokens.shape[1] * int((~done).sum())
@@ -498,8 +498,10 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
     cli.positive("--draft-len", draft_len)
     cli.check_sampling(temperature, top_k, top_p, seed)
     notes = []
+    cli.positive("--evict-every", evict_every)  # checked with or without --cache-limit, as --draft-len without --verify
+    cli.positive("--cache-limit", cache_limit)
     cfg = cli.evict_config(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,
-                           kernel=pool_kernel, pool=pool, notes=notes)
+                           kernel=pool_kernel, pool=pool, notes=notes, cache_limit=cache_limit)
     verify = None if verify == "none" else verify  # the CLI's word for run_batch's None
     if cache_limit is not None:
         check_limit(cfg, cache_limit, evict_every, verify, draft=draft_tokens(cfg, reuse, verify, draft_len))
@@ -515,7 +517,7 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
         raise cli.BadInput(f"--chat: {ckpt} has no chat template lqc knows (ChatML, Llama 2/3, Phi-3): use --no-chat")
     ids = tok.prompt_ids(text, chat=tok.chat_format is not None if chat is None else chat, answer_prefix=answer_prefix)
     check_context(len(ids), max_new_tokens, cfg, model.args.max_seq_len)
-    cli.budget_note(method, budget, len(ids), notes)
+    cli.budget_note(method, budget, len(ids), notes, cache_limit=cache_limit, max_new_tokens=max_new_tokens)
     if compile and not flex_available(dev):
         notes.append(f"FlexAttention is not available on {dev.type}; using dense attention")
     for line in notes:  # all input is checked: what lqc does with it

@@ -227,9 +227,11 @@ class Server:
         clock = clock or Clock()
         queue = sorted(requests, key=lambda r: r.arrival)
         job = None  # (request, prefill generator, slot)
+        filling = True  # static batches: a batch is being admitted (nothing decodes meanwhile)
         while queue or job or any(self.slots):
             free = [b for b, s in enumerate(self.slots) if s is None]
-            if job is None and queue and free and not (self.static and len(free) < len(self.slots)):
+            filling = filling or len(free) == len(self.slots)
+            if job is None and queue and free and (filling or not self.static):
                 if not any(self.slots) and queue[0].arrival > clock.now():
                     clock.wait_until(queue[0].arrival)
                 if queue[0].arrival <= clock.now():
@@ -237,7 +239,9 @@ class Server:
                     job = (req, self.start_prefill(req), free[0])
             if job is not None:
                 job = self.prefill_step(job, clock, on_done)
-            if any(self.slots):
+            if self.static and job is None:  # the batch is complete once every slot is taken or nobody waits
+                filling = None in self.slots and bool(queue) and queue[0].arrival <= clock.now()
+            if any(self.slots) and not (self.static and filling):
                 self.decode_step(clock, on_done)
             self.peak = max(self.peak, sum(s is not None for s in self.slots))
 

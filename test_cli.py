@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import os
 import signal
 import subprocess
@@ -172,7 +173,7 @@ BEFORE_MODEL = [
     ("eval.py", ["--data", "<files>/blank_answer.jsonl"], "line 3: 'answers'"),
     ("eval.py", ["--data", "<files>/num_input.jsonl"], "line 3: 'input' must be a string"),
     ("eval.py", ["--data", "<files>/not_utf8.jsonl"], "line 3 is not UTF-8: byte 0xe9 at byte position 16"),
-    ("eval.py", ["--data", "<files>/surrogate.jsonl"], "line 1: 'context'"),
+    ("eval.py", ["--data", "<files>/surrogate.jsonl"], "line 1: 'context' is not valid Unicode"),
     ("eval.py", ["--data", "<files>/deep.jsonl"], "line 2 nests too deeply"),
     ("eval.py", ["--data", "<files>/huge_int.jsonl"], "line 2 cannot be read"),
     ("eval.py", ["--data", "<files>/empty.jsonl"], "holds no examples"),
@@ -205,6 +206,9 @@ BEFORE_MODEL = [
     ("bench.py", ["--warmup", "-1"], "--warmup must be >= 0"),
     ("bench.py", ["--prefill-chunk", "0"], "--prefill-chunk must be > 0"),
     ("bench.py", ["--peers", "--peer-budget", "0"], "--peer-budget must be > 0 and below every --lengths"),
+    ("bench.py", ["--peers", "--cache-limit", "64"], "--peers and --cache-limit are two separate runs"),
+    ("generate.py", ["--evict-every", "0"], "--evict-every must be > 0"),  # with or without --cache-limit, as --draft-len
+    ("generate.py", ["--draft-len", "0"], "--draft-len must be > 0"),
     ("bench.py", ["--peer-tokens", "0"], "--peer-tokens must be >= 1"),
     ("eval.py", ["--prefill-chunk", "0"], "--prefill-chunk must be > 0"),
     ("bench.py", ["--lengths", "64", "64"], "--lengths lists a value twice"),
@@ -277,6 +281,96 @@ def test_budget_covering_the_prompt_says_nothing_is_evicted(ckpt, files, capsys)
                               ckpt, files, capsys)
     lines = err.strip().splitlines()
     assert code == 0 and len(lines) == 2 and "--budget 999 >= the prompt's" in lines[0], err
+
+
+LIMIT_NOTES = [  # the notes of runs under --cache-limit, checked against what the run did (issue: notes that lied)
+    ["--method", "laq", "--budget", "256", "--cache-limit", "10", "--evict-every", "1"],
+    ["--method", "laqpp", "--budget", "256", "--cache-limit", "12", "--evict-every", "1", "--no-reuse"],
+    ["--method", "adakv", "--budget", "64", "--cache-limit", "16", "--evict-every", "4", "--fast"],
+    *[["--method", m, "--budget", "8", "--cache-limit", "2", "--evict-every", "1"] for m in ("snapkv", "h2o")],
+    *[["--method", m, "--budget", "16", "--cache-limit", "12", "--evict-every", "4"]
+      for m in ("snapkv", "pyramidkv", "adakv", "h2o")],
+    ["--method", "snapkv", "--budget", "64", "--cache-limit", "16", "--evict-every", "4"],
+    ["--method", "snapkv", "--budget", "256", "--cache-limit", "500", "--evict-every", "4"],
+    ["--method", "snapkv", "--budget", "256", "--cache-limit", "60", "--evict-every", "4", "--max-new-tokens", "40"],
+]
+
+
+@pytest.mark.parametrize("argv", LIMIT_NOTES, ids=lambda a: " ".join(a))
+def test_notes_under_a_cache_limit_describe_the_run(argv, ckpt, files, capsys):
+    """Every note is true of the run that happens: "nothing is evicted" only when the summary keeps
+    the whole prompt and decoding never reaches the limit; a clamped window names the number of
+    entries the prompt actually keeps (the limit where it is below the budget)."""
+    argv = ["--no-chat", "--prompt", " ".join(TEXT.split()[:30]), "--max-new-tokens", "4", *argv]
+    code, out, err = run_main("generate.py", argv, ckpt, files, capsys)
+    assert code == 0, err
+    kept, prompt = map(int, re.search(r"KV kept (\d+)/(\d+)", err).groups())
+    budget, limit = int(argv[argv.index("--budget") + 1]), int(argv[argv.index("--cache-limit") + 1])
+    new = int(argv[len(argv) - 1 - argv[::-1].index("--max-new-tokens") + 1])
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert kept == min(prompt, budget, limit)
+    for note in notes:
+        if "nothing is evicted" in note:
+            assert kept == prompt and prompt + new - 1 <= limit, note
+        if "decoding evicts" in note:
+            assert kept == prompt and prompt + new - 1 > limit, note
+        clamp = re.search(r"> (--\S+) (\d+): clamped to (\d+); \S+ keeps only the (\d+) most recent", note)
+        if clamp:
+            flag, n, to, recent = clamp.groups()
+            assert int(n) == int(to) == int(recent) == kept, note
+            assert flag == ("--cache-limit" if limit < budget else "--budget"), note
+    if kept < prompt and min(budget, limit) < 32:  # the window (32) is above what the prompt keeps: a note says so
+        assert any("clamped to" in n for n in notes), err
+    if min(budget, limit) >= prompt:  # the prompt is kept whole: a note says what happens next
+        assert len(notes) == 1 and ("nothing is evicted" in notes[0] or "decoding evicts" in notes[0]), err
+
+
+def test_eval_notes_a_context_cut_in_the_middle(ckpt, files, capsys):
+    long = files / "long.jsonl"
+    long.write_text(json.dumps({"context": " ".join([TEXT] * 40), "input": "Who jumps?", "answers": ["the fox"]}) + "\n")
+    code, out, err = run_main("eval.py", ["--data", str(long), "--methods", "full", "snapkv", "--budgets", "40",
+                                          "--agree-tokens", "2", "--overwrite"], ckpt, files, capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "1 of 1 prompts were longer than the model's context" in notes[0], err
+    rows = json.loads((files / "out" / "results.json").read_text())["rows"]
+    assert all(r["cut_from"] > r["prompt_tokens"] for r in rows)
+
+
+def test_bench_notes_and_headers_say_what_was_run(ckpt, files, capsys):
+    """A --peers run says nothing about the unused --budgets; a limit run that evicts while decoding
+    does not say "nothing is evicted"; the limit table's header names the tokens it measured over."""
+    code, out, err = run_main("bench.py", ["--peers", "--lengths", "64", "--peer-budget", "8", "--peer-tokens", "2",
+                                           "--reps", "1", "--overwrite"], ckpt, files, capsys)
+    assert code == 0 and "note:" not in err, err
+    code, out, err = run_main("bench.py", ["--lengths", "64", "--budgets", "64", "--cache-limit", "66", "--evict-every",
+                                           "2", "--decode-tokens", "8", "--methods", "snapkv", "--overwrite"],
+                              ckpt, files, capsys)
+    assert code == 0 and "nothing is evicted" not in err and "decoding evicts" in err, err
+    assert "tok/s first 4 | tok/s last 4" in out
+    rows = json.loads((files / "out" / "limit.json").read_text())["rows"]
+    assert rows[-1]["evictions"] > 0
+
+
+def test_failed_run_leaves_no_empty_out_folder(tmp_path):
+    out = tmp_path / "new" / "out"
+
+    def main():
+        cli.start_out(out, ["x.json"])
+        raise cli.BadInput("the run failed after creating --out")
+    with pytest.raises(SystemExit):
+        cli.exit_on_bad_input("bench.py", main)
+    assert not out.exists()
+    occupied = tmp_path / "mine"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("x")
+
+    def main2():
+        cli.start_out(occupied, ["x.json"])
+        raise cli.BadInput("fail")
+    with pytest.raises(SystemExit):
+        cli.exit_on_bad_input("bench.py", main2)
+    assert (occupied / "keep.txt").exists()
 
 
 def test_window_clamp_matches_the_unclamped_policy(ckpt):
