@@ -75,6 +75,7 @@ def quiet_ctrl_c():
 def exit_on_bad_input(prog: str, fn, *args, **kwargs):
     """Run a CLI's main with the exit codes above. A run that fails leaves no empty --out folder
     that it created (`start_out`)."""
+    _CREATED.clear()  # this run's folders only (tests run several mains in one process)
     try:
         try:
             result = fn(*args, **kwargs)

@@ -832,14 +832,14 @@ def test_readable_cache_appends_in_place_and_equals_concatenation():
         add(1, t)
         check()
     assert cache.k[0].data_ptr() == ptr  # appended in place: no reallocation within the room
-    before_rewind = [(t, t.clone()) for t in (cache.k[0], cache.v[0])]
     cache.rewind(torch.tensor([30, 30]))
     ref = {n: [torch.cat(r, 2)[:, :, :30]] for n, r in ref.items()}
     check()
     add(2, 30)
     check()
-    # the tokens after a rewind do not land on the rejected entries under a view handed out before
-    assert all(torch.equal(view, copy) for view, copy in before_rewind)
+    # a rewind keeps the room: the tokens after it are written in place, over the rejected entries
+    # (verify mode rewinds every round; nothing reads a rejected entry again)
+    assert cache.k[0].data_ptr() == ptr
     kept = cache.gather([torch.arange(0, 32, 2).expand(2, 3, 16)])
     assert torch.equal(kept.k[0], cache.k[0][:, :, ::2])
     twin = cache.clone()
