@@ -18,13 +18,16 @@ EVICT_EVERY = 32  # slots freed per decode-time eviction: eviction work stays a 
 
 
 
-def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify: str | None, draft: int = 0):
+def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify: str | None, draft: int = 0,
+                kv_bits: int | None = None):
     if cfg.method == "full":
         raise BadInput("--cache-limit needs an evicting method (full keeps every entry)")
     if not 1 <= evict_every < cache_limit:
         raise BadInput(f"need 1 <= --evict-every < --cache-limit (got {evict_every} and {cache_limit})")
     if verify:
         raise BadInput("--cache-limit and --verify full do not go together: verification keeps the full cache")
+    if kv_bits:  # decode-time eviction scores the stored keys, which are int8 rows then
+        raise BadInput("--cache-limit and --kv-bits 8 do not go together yet: decode-time eviction reads full-precision keys")
     if draft >= cache_limit:  # the first round feeds LAQ's reused pseudo tokens at once: the cache must hold them
         raise BadInput(f"--cache-limit {cache_limit} must exceed the {draft} pseudo tokens that reusing LAQ's lookahead "
                        f"feeds in one round: raise it, or pass --no-reuse")

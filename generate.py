@@ -225,7 +225,7 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
 def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_tokens=256, prefill_chunk=None,
               eos_ids=(), sampling: Sampling = Sampling(), on_token=None, fast=False, compile=False, step=None,
               reuse=True, verify: str | None = None, draft_len: int = DRAFT_LEN, cache_limit: int | None = None,
-              evict_every: int = EVICT_EVERY):
+              evict_every: int = EVICT_EVERY, kv_bits: int | None = None):
     """Prefill, evict, decode a batch of prompts (left-padded; each row evicted on its own).
     fast: the lookahead and decoding over static compacted caches; compile: with a compiled step
     over FlexAttention. step: a `model_step`-like function to decode with (tests pass a compiled
@@ -233,26 +233,30 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
     the first round's draft. verify="full": lossless; the compacted cache drafts draft_len tokens a
     round and the full cache, kept beside it, checks them. cache_limit: no KV head of any layer
     holds more entries while decoding (the prompt's eviction keeps at most that many, then
-    `Evictor` frees evict_every at a time). Returns (new token ids per row, Stats)."""
+    `Evictor` frees evict_every at a time). kv_bits=8: the decode cache holds int8 entries (the fast
+    path; see StaticKVCache). Returns (new token ids per row, Stats)."""
     device = model.tok_embeddings.weight.device
     x, pad = left_pad(prompts, device)  # [B, L], [B]
     stats = Stats(prompt_tokens=x.shape[1], cache_limit=cache_limit)
     if verify not in (None, "full"):
         raise ValueError(f"verify={verify!r}: None (no verification) or 'full'")
+    if kv_bits not in (None, 8):
+        raise ValueError(f"kv_bits={kv_bits!r}: None (the model's dtype) or 8")
     k = draft_tokens(cfg, reuse, verify, min(draft_len, max_new_tokens))  # a round never drafts past the answer
     room = max_new_tokens + 2 * k + 1  # a round may feed k tokens past the end (see decode)
     capacity = None
     if cache_limit is not None:
-        check_limit(cfg, cache_limit, evict_every, verify, draft=k)
+        check_limit(cfg, cache_limit, evict_every, verify, draft=k, kv_bits=kv_bits)
         # capacity = the limit (the evictor makes room before each round), or what the run can ever
         # hold (prompt + answer + a round's draft) when the limit is above that; no layer or head
         # keeps more of the prompt (PyramidKV's and Ada-KV's wider shares are cut to it)
         capacity = min(cache_limit, x.shape[1] + room)
         cfg = replace(cfg, budget=min(cfg.budget, capacity), cap=capacity)
     fp = None
-    if fast or compile:
+    if fast or compile or kv_bits:
         extra = max(room, cfg.lookahead) if capacity is None else 0
-        fp = FastPath(step or make_step(model, compile), extra, flex=compile and flex_available(device), capacity=capacity)
+        fp = FastPath(step or make_step(model, compile), extra, flex=compile and flex_available(device), capacity=capacity,
+                      kv_bits=kv_bits)
     sync(device)  # on CUDA, the stages' times are the GPU's, not the launches'
     t0 = time.perf_counter()
     pre = prefill(model, x, chunk=prefill_chunk, keep_queries=cfg.obs_window, h2o=cfg.needs_mass,
@@ -445,6 +449,10 @@ def parse_args(argv=None):
     p.add_argument("--cache-limit", type=int, default=None,
                    help="bounded memory: at most this many KV entries per head per layer while decoding (evicts during "
                         "decoding; the prompt's eviction keeps at most this many)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=[8],
+                   help="8: the decode cache holds int8 K/V (a float32 scale per entry; keys per channel, then per "
+                        "token), about 3.8x less memory than float32 at head_dim 64; implies --fast. Default: the "
+                        "--dtype")
     p.add_argument("--evict-every", type=int, default=EVICT_EVERY,
                    help="with --cache-limit: entries freed per decode-time eviction (the scoring cost is paid once per "
                         "that many tokens)")
@@ -492,7 +500,8 @@ def check_context(prompt_tokens: int, max_new_tokens: int, cfg: lqc.EvictConfig,
 
 def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, temperature, top_k, top_p, seed, chat, device,
          dtype, method, budget, window, window_laqpp, lookahead, pool, pool_kernel, prefill_chunk, fast=False,
-         compile=False, reuse=True, verify="none", draft_len=DRAFT_LEN, cache_limit=None, evict_every=EVICT_EVERY):
+         compile=False, reuse=True, verify="none", draft_len=DRAFT_LEN, cache_limit=None, evict_every=EVICT_EVERY,
+         kv_bits=None):
     cli.positive("--max-new-tokens", max_new_tokens)
     cli.positive("--prefill-chunk", prefill_chunk)
     cli.positive("--draft-len", draft_len)
@@ -504,7 +513,8 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
                            kernel=pool_kernel, pool=pool, notes=notes, cache_limit=cache_limit)
     verify = None if verify == "none" else verify  # the CLI's word for run_batch's None
     if cache_limit is not None:
-        check_limit(cfg, cache_limit, evict_every, verify, draft=draft_tokens(cfg, reuse, verify, draft_len))
+        check_limit(cfg, cache_limit, evict_every, verify, draft=draft_tokens(cfg, reuse, verify, draft_len),
+                    kv_bits=kv_bits)
     answer_prefix = cli.check_utf8(answer_prefix, "--answer-prefix")
     if sys.stdout is None:  # started with `>&-`: the answer would go nowhere
         raise cli.CannotWrite("cannot write to stdout: it is closed")
@@ -529,7 +539,7 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
         out, stats = run(model, ids, cfg, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk,
                          eos_ids=tok.eos_ids, sampling=Sampling(temperature, top_k, top_p, seed), on_token=stream,
                          fast=fast, compile=compile, reuse=reuse, verify=verify, draft_len=draft_len,
-                         cache_limit=cache_limit, evict_every=evict_every)
+                         cache_limit=cache_limit, evict_every=evict_every, kv_bits=kv_bits)
     stream.finish(out)
     cli.write_stdout("\n")
     print(f"[{method}] {stats.line()}", file=sys.stderr)

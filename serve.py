@@ -58,12 +58,16 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * UNITS[unit])
 
 
-def slot_bytes(model, capacity: int) -> int:
+def slot_bytes(model, capacity: int, kv_bits: int | None = None) -> int:
     """Bytes of one slot of the static cache: per layer and KV head, `capacity` entries of K and V in
-    the model's dtype and an int64 position each, plus an int64 length."""
+    the model's dtype and an int64 position each, plus an int64 length. int8 (kv_bits=8): D codes and
+    a float32 scale per entry for K and V, plus a float32 key scale per channel."""
     a = model.args
-    itemsize = model.tok_embeddings.weight.element_size()
-    return a.n_layers * a.n_kv_heads * (capacity * (2 * a.head_dim * itemsize + 8) + 8)
+    if kv_bits == 8:
+        entry, fixed = 2 * (a.head_dim + 4) + 8, 8 + 4 * a.head_dim
+    else:
+        entry, fixed = 2 * a.head_dim * model.tok_embeddings.weight.element_size() + 8, 8
+    return a.n_layers * a.n_kv_heads * (capacity * entry + fixed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,12 +199,13 @@ class Server:
     `static=True`: a new batch is admitted only when every slot is free (padded static batches)."""
 
     def __init__(self, model, tok, *, n_slots: int, capacity: int, prefill_chunk: int = 512,
-                 sampling: Sampling = Sampling(), compile: bool = False, static: bool = False, ignore_eos: bool = False):
+                 sampling: Sampling = Sampling(), compile: bool = False, static: bool = False, ignore_eos: bool = False,
+                 kv_bits: int | None = None):
         a, device = model.args, model.tok_embeddings.weight.device
         self.model, self.tok, self.chunk, self.sampling, self.static = model, tok, prefill_chunk, sampling, static
         self.ignore_eos = ignore_eos  # every request decodes max_new_tokens (a throughput benchmark's load)
         self.cache = M.StaticKVCache(a.n_layers, n_slots, a.n_kv_heads, capacity, a.head_dim, a.n_heads // a.n_kv_heads,
-                                     model.tok_embeddings.weight.dtype, device, flex=False)
+                                     model.tok_embeddings.weight.dtype, device, flex=False, kv_bits=kv_bits)
         self.step = make_step(model, compile)
         self.slots: list[Active | None] = [None] * n_slots
         self.gen = sampling.generator(device)
@@ -319,14 +324,15 @@ class Server:
                  "itl_ms": [1000 * g for g in gaps]})
 
 
-def plan_slots(model, requests: list[Request], kv_memory: int, default: lqc.EvictConfig, max_new_tokens: int) -> tuple:
+def plan_slots(model, requests: list[Request], kv_memory: int, default: lqc.EvictConfig, max_new_tokens: int,
+               kv_bits: int | None = None) -> tuple:
     """(slots, capacity): a slot holds what the default policy keeps plus an answer: the longest
     request for the full cache, budget + max_new_tokens when evicting."""
     if default.method == "full":
         capacity = max((len(r.ids) + r.max_new_tokens for r in requests), default=max_new_tokens)
     else:
         capacity = default.budget + max_new_tokens
-    per_slot = slot_bytes(model, capacity)
+    per_slot = slot_bytes(model, capacity, kv_bits)
     slots = kv_memory // per_slot
     if slots < 1:
         raise BadInput(f"--kv-memory {kv_memory / 1e6:.1f} MB holds no slot: one slot of {capacity} entries takes "
@@ -359,6 +365,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap prompts in the checkpoint's chat format (when it has one)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=[8],
+                   help="8: int8 K/V entries in the slots (as generate.py --kv-bits 8): about 3.8x the slots of float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the batched decode step (one shape: no recompiles)")
     p.add_argument("--static-batches", action="store_true",
                    help="admit a new batch only when every slot is free (the padded static batching baseline)")
@@ -418,10 +426,10 @@ def serve(args, cfg, model, tok):
     requests, errors = read_requests(args.requests, tok, cfg, args.max_new_tokens, args.chat)
     requests = [r for r in requests if r.line not in done]
     errors = [e for e in errors if e["line"] not in done]
-    n_slots, capacity = plan_slots(model, requests, args.kv_bytes, cfg, args.max_new_tokens)
+    n_slots, capacity = plan_slots(model, requests, args.kv_bytes, cfg, args.max_new_tokens, args.kv_bits)
     server = Server(model, tok, n_slots=n_slots, capacity=capacity, prefill_chunk=args.prefill_chunk,
                     sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed), compile=args.compile,
-                    static=args.static_batches)
+                    static=args.static_batches, kv_bits=args.kv_bits)
     for r in requests:
         why = server.fits(r)
         if why:
@@ -429,7 +437,7 @@ def serve(args, cfg, model, tok):
     for e in sorted(errors, key=lambda e: e["line"]):
         cli.append_line(out, e)
     ok = [r for r in requests if server.fits(r) is None]
-    cli.note("serve.py", f"{n_slots} slots of {capacity} entries per KV head ({n_slots * slot_bytes(model, capacity) / 1e6:.1f} "
+    cli.note("serve.py", f"{n_slots} slots of {capacity} entries per KV head ({n_slots * slot_bytes(model, capacity, args.kv_bits) / 1e6:.1f} "
                          f"MB of --kv-memory); {len(ok)} requests to serve, {len(errors)} refused, {len(done)} done before")
     finished = [0]
 
@@ -454,20 +462,34 @@ def percentile(xs: list, q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def parse_row(text: str, default: lqc.EvictConfig) -> tuple[lqc.EvictConfig, bool]:
-    """'laqpp:256' -> (config, static batches?); 'static:full' is padded static batching."""
-    static = text.startswith("static:")
-    method, _, budget = text.removeprefix("static:").partition(":")
+@dataclass
+class Row:
+    cfg: lqc.EvictConfig
+    static: bool = False  # static batches
+    kv_bits: int | None = None
+
+    @property
+    def name(self) -> str:
+        budget = "" if self.cfg.method == "full" else f" {self.cfg.budget}"
+        return ("static " if self.static else "") + self.cfg.method + budget + (" int8" if self.kv_bits else "")
+
+
+def parse_row(text: str, default: lqc.EvictConfig) -> Row:
+    """'laqpp:256' -> a Row; a 'static:' prefix is static batching, a '+int8' suffix int8 entries."""
+    static, int8 = text.startswith("static:"), text.endswith("+int8")
+    method, _, budget = text.removeprefix("static:").removesuffix("+int8").partition(":")
     if method not in lqc.method_names() or (method != "full") != bool(budget) or budget and not budget.isdigit():
-        raise BadInput(f"--rows {text!r}: give method:budget (e.g. laqpp:256), or full; a static: prefix for static batches")
-    return cli.evict_config(method=method, budget=int(budget or default.budget), window=default.window,
-                            window_laqpp=default.window_laqpp, lookahead=default.lookahead), static
+        raise BadInput(f"--rows {text!r}: give method:budget (e.g. laqpp:256) or full, with an optional static: prefix "
+                       "(static batches) and +int8 suffix (int8 entries)")
+    cfg = cli.evict_config(method=method, budget=int(budget or default.budget), window=default.window,
+                           window_laqpp=default.window_laqpp, lookahead=default.lookahead)
+    return Row(cfg, static, 8 if int8 else None)
 
 
-def bench_row(model, tok, requests, cfg, static, args) -> dict:
-    n_slots, capacity = plan_slots(model, requests, args.kv_bytes, cfg, args.max_new_tokens)
+def bench_row(model, tok, requests, row: Row, args) -> dict:
+    n_slots, capacity = plan_slots(model, requests, args.kv_bytes, row.cfg, args.max_new_tokens, row.kv_bits)
     server = Server(model, tok, n_slots=n_slots, capacity=capacity, prefill_chunk=args.prefill_chunk,
-                    compile=args.compile, static=static, ignore_eos=True)
+                    compile=args.compile, static=row.static, ignore_eos=True, kv_bits=row.kv_bits)
     records, clock = [], Clock()
     server.run([r for r in requests if server.fits(r) is None], records.append, clock)
     span = clock.now()
@@ -475,7 +497,8 @@ def bench_row(model, tok, requests, cfg, static, args) -> dict:
     itl = [g for rec in records for g in rec["itl_ms"]]
     ttft = [rec["ttft_s"] for rec in records]
     acc = [ruler.score(rec["text"], expected[rec["id"]]) for rec in records]
-    return {"slots": n_slots, "capacity": capacity, "kv_MB": n_slots * slot_bytes(model, capacity) / 1e6,
+    allocated = sum(b.untyped_storage().nbytes() for b in server.cache.buffers())
+    return {"slots": n_slots, "capacity": capacity, "kv_MB": allocated / 1e6,
             "served": len(records), "peak": server.peak, "tok_s": sum(r["new_tokens"] for r in records) / span,
             "ttft_p50": percentile(ttft, 0.5), "ttft_p95": percentile(ttft, 0.95),
             "itl_p50": percentile(itl, 0.5), "itl_p95": percentile(itl, 0.95),
@@ -484,7 +507,7 @@ def bench_row(model, tok, requests, cfg, static, args) -> dict:
             "acc": statistics.mean(acc) if acc else float("nan"), "span_s": span}
 
 
-COLUMNS = [("slots", "{:d}"), ("served", "{:d}"), ("peak", "{:d}"), ("tok_s", "{:.1f}"), ("decode_tok_s", "{:.1f}"),
+COLUMNS = [("slots", "{:d}"), ("kv_MB", "{:.0f}"), ("served", "{:d}"), ("peak", "{:d}"), ("tok_s", "{:.1f}"), ("decode_tok_s", "{:.1f}"),
            ("ttft_p50", "{:.1f}"),
            ("ttft_p95", "{:.1f}"), ("itl_p50", "{:.0f}"), ("itl_p95", "{:.0f}"), ("prefill_share", "{:.0%}"),
            ("evict_share", "{:.1%}"), ("acc", "{:.2f}")]
@@ -503,13 +526,12 @@ def bench(args, default, model, tok):
     print("|---|---|" + "---|" * len(COLUMNS))
     results = []
     for rate in args.rates:
-        for cfg, static in rows:
-            reqs = suite_requests(tok, n=args.requests_n, length=args.length, rate=rate, default=cfg)
+        for row in rows:
+            reqs = suite_requests(tok, n=args.requests_n, length=args.length, rate=rate, default=row.cfg)
             reqs = [replace(r, max_new_tokens=args.max_new_tokens) for r in reqs]  # one load: every answer as long
-            res = bench_row(model, tok, reqs, cfg, static, args)
-            name = ("static " if static else "") + cfg.method + ("" if cfg.method == "full" else f" {cfg.budget}")
-            results.append({"rate": rate, "row": name, **res})
-            print(f"| {rate:g} | {name} | " + " | ".join(f.format(res[c]) for c, f in COLUMNS) + " |", flush=True)
+            res = bench_row(model, tok, reqs, row, args)
+            results.append({"rate": rate, "row": row.name, **res})
+            print(f"| {rate:g} | {row.name} | " + " | ".join(f.format(res[c]) for c, f in COLUMNS) + " |", flush=True)
             if out:
                 cli.write_json(out, {"args": {k: v for k, v in vars(args).items()}, "rows": results})
     return results

@@ -46,10 +46,10 @@ def make_step(model, compile: bool):
     return cuda_graph_step
 
 
-def to_static(model, cache, extra: int, flex: bool, capacity: int | None = None):
-    """Pack a (compacted) cache into the fast path's fixed-capacity buffers."""
+def to_static(model, cache, extra: int, flex: bool, capacity: int | None = None, kv_bits: int | None = None):
+    """Pack a (compacted) cache into the fast path's fixed-capacity buffers (int8 entries: kv_bits=8)."""
     return M.StaticKVCache.from_cache(cache, extra, model.args.n_heads // model.args.n_kv_heads, flex=flex,
-                                      capacity=capacity)
+                                      capacity=capacity, kv_bits=kv_bits)
 
 
 def plain_step(model):
@@ -85,9 +85,10 @@ class FastPath:
     flex: bool = False  # FlexAttention block masks (the compiled path)
     compile_s: float = 0.0  # time of the step's first call when compiled
     capacity: int | None = None  # slots per head of every packed cache, at least (a cache limit: exactly)
+    kv_bits: int | None = None  # 8: int8 entries (see StaticKVCache)
 
     def pack(self, model, cache, extra: int | None = None):
-        return to_static(model, cache, self.extra if extra is None else extra, self.flex, self.capacity)
+        return to_static(model, cache, self.extra if extra is None else extra, self.flex, self.capacity, self.kv_bits)
 
     def __call__(self, tokens, pos, cache):
         if self.compile_s or not self.flex:

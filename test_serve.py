@@ -171,3 +171,66 @@ def test_cli_answers_refuses_bad_lines_and_resumes(tiny_ckpt, tmp_path):
 def test_cli_bad_input_is_one_line(tiny_ckpt, args, message):
     r = run_serve("--ckpt", tiny_ckpt, *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 entries (--kv-bits 8)
+
+def test_int8_entries_bound_the_attention_error_and_take_a_quarter_of_the_bytes():
+    """One decode step over int8 entries vs the same entries in float32: the logits stay within 2%
+    (relative L2) on prompts whose keys have an outlier channel (x50, as Qwen2.5's do); a KV head's
+    entry takes 2 * (D + 4) + 8 bytes instead of 2 * 4 * D + 8."""
+    import model as M
+    model = tiny(4, 2, n_layers=2)
+    ids = rand_ids(model, 40, 1)
+    pre = G.prefill(model, ids)
+    for l in range(len(pre.cache.k)):  # an outlier channel in every head's keys
+        pre.cache.k[l][..., 3] *= 50
+    token, pos = torch.tensor([[5]]), torch.tensor([[40]])
+    out = {}
+    for bits in (None, 8):
+        cache = G.to_static(model, pre.cache, 4, flex=False, kv_bits=bits)
+        out[bits] = G.model_step(model)(token, pos, cache)[0]
+        a = model.args
+        per_entry = 2 * (a.head_dim + 4) + 8 if bits else 2 * 4 * a.head_dim + 8
+        assert sum(t.untyped_storage().nbytes() for t in cache.k + cache.v + cache.pos) == \
+            a.n_layers * a.n_kv_heads * cache.capacity * per_entry
+    err = ((out[8] - out[None]).norm() / out[None].norm()).item()
+    assert 0 < err < 0.02, err
+
+
+def test_int8_keys_keep_the_small_channels_beside_an_outlier():
+    """Per channel, then per token: a channel 100x larger than the others does not wash them out (a
+    per-token scale alone would round them to a few codes)."""
+    import model as M
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 30, 16, generator=g)
+    k[..., 0] *= 100
+    pos = torch.arange(30).expand(1, 2, 30)
+    c = M.channel_scale(k, pos)
+    back = M.dequantize(M.quantize(k / c), torch.float32) * c
+    small = (back - k)[..., 1:].norm() / k[..., 1:].norm()
+    naive = (M.dequantize(M.quantize(k), torch.float32) - k)[..., 1:].norm() / k[..., 1:].norm()
+    assert small < 0.01 and naive > 5 * small, (small, naive)
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv", "laqpp"])
+def test_int8_slots_answer_as_the_request_alone_with_int8(method):
+    model = tiny(4, 2, n_layers=2)
+    cfgs = [lqc.EvictConfig(method=method, budget=b, window=4, window_laqpp=2, lookahead=3) for b in (8, 12, 10)]
+    requests = requests_for(model, cfgs, [30, 25, 40], [0.0] * 3, [12, 9, 6])
+    capacity = max(r.holds() for r in requests)
+    records = []
+    server = S.Server(model, STUB_TOK, n_slots=2, capacity=capacity, prefill_chunk=7, kv_bits=8)
+    server.run(requests, records.append)
+    for r, rec in zip(requests, sorted(records, key=lambda x: x["id"])):
+        alone, _ = G.run(model, r.ids, r.cfg, max_new_tokens=r.max_new_tokens, reuse=False, kv_bits=8)
+        assert rec["token_ids"] == alone
+
+
+def test_int8_fits_at_least_3_5x_the_slots_of_float32():
+    model = tiny(4, 2, n_layers=2)
+    for D in (64, 128):  # SmolLM2 and Qwen2.5-0.5B: 64; Llama 3: 128
+        fake = SimpleNamespace(args=replace(model.args, head_dim=D), tok_embeddings=model.tok_embeddings)
+        ratio = S.slot_bytes(fake, 576) / S.slot_bytes(fake, 576, kv_bits=8)
+        assert ratio >= 3.5, (D, ratio)
