@@ -9,13 +9,18 @@ a shared machine are noisy; trust the ratios measured within one run.
   evict_<m>           eviction time of method m as a share of prefill
   decode tok/s        single-token steps over the static compacted cache, eager and compiled
   kv_MB               K and V bytes kept (all layers), peak_MB: peak RSS (CPU) or max allocated (CUDA)
+  prefill % mm        the machine's limit, measured at start: the prefill's FLOPs (the weights' 2 x params
+                      per token, plus causal attention's QK and PV) over its time, as a share of this
+                      machine's torch.mm rate (GFLOP/s of a 2048^3 product in --dtype); "weights" counts
+                      the weight FLOPs only
+  decode % bw         a decode step's bytes (every weight once, plus the kept K and V) x tok/s, as a
+                      share of the measured copy bandwidth (a 256 MB clone, read + write)
   limit ratio         decode tok/s at the longest prompt with budget 256 / decode tok/s of a
                       256-token prompt with the full cache, the two measured in turn (1.0: the
                       long prompt costs nothing extra)
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import statistics
@@ -67,6 +72,44 @@ def timed(fn, device):
     out = fn()
     sync(device)
     return out, time.perf_counter() - t
+
+
+@torch.no_grad()
+def machine_limits(device, dtype, reps: int = 5) -> dict:
+    """This machine's matmul rate (GFLOP/s of an n^3 torch.mm in dtype) and copy bandwidth (GB/s of a
+    256 MB clone, read + write), medians of reps after one untimed run."""
+    n = 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    x = torch.empty(2**28 // dtype.itemsize, device=device, dtype=dtype)
+    mm, copy = [], []
+    for i in range(reps + 1):
+        _, dt = timed(lambda: a @ b, device)
+        mm.append(2 * n**3 / dt / 1e9)
+        _, dt = timed(x.clone, device)
+        copy.append(2 * x.numel() * x.element_size() / dt / 1e9)
+    return dict(matmul_gflop_s=statistics.median(mm[1:]), copy_gb_s=statistics.median(copy[1:]))
+
+
+def matmul_params(model) -> int:
+    """Weights of the layers' linear maps (what each prompt token multiplies; embeddings are lookups)."""
+    return sum(p.numel() for name, p in model.layers.named_parameters() if p.ndim == 2)
+
+
+def prefill_flops(model, n: int) -> tuple[float, float]:
+    """(weight FLOPs, attention FLOPs) of a causal n-token prefill: 2 x params per token, and QK and
+    PV over the n (n + 1) / 2 visible pairs per query head and layer."""
+    a = model.args
+    return 2 * n * matmul_params(model), 2 * 2 * a.n_layers * a.n_heads * a.head_dim * n * (n + 1) / 2
+
+
+def step_bytes(model, cache) -> int:
+    """Bytes one decode step reads at least: every weight once (the output matrix too) and the kept K
+    and V; of an embedding that is not also the output matrix, one row."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.tok_embeddings.weight
+    if not model.args.tie_embeddings:
+        weights -= emb.numel() * emb.element_size()
+    return weights + kv_bytes(cache)
 
 
 def kv_bytes(cache) -> int:
@@ -142,6 +185,10 @@ def bench_length(model, tok, n, args, steps_fns, device, ref: G.Prefill | None =
             if b != "full":
                 row[f"evict_{m}"] = statistics.median(evict_s[m][b]) / med_prefill
         row["kv_MB"] = kv_bytes(caches[b]) / 2**20
+        weight_flops, attn_flops = prefill_flops(model, n)
+        row["prefill_weights_mm"] = weight_flops / med_prefill / 1e9 / args.limits["matmul_gflop_s"]
+        row["prefill_mm"] = (weight_flops + attn_flops) / med_prefill / 1e9 / args.limits["matmul_gflop_s"]
+        row["step_MB"] = step_bytes(model, caches[b]) / 2**20
         for name, (step, flex) in steps_fns.items():
             def speed(cache, logits, pos):
                 static = G.to_static(model, cache, args.steps + args.warmup, flex=flex)
@@ -154,6 +201,7 @@ def bench_length(model, tok, n, args, steps_fns, device, ref: G.Prefill | None =
                 if ref is not None and b == 256:
                     ref_speeds.append(speed(ref.cache, ref.obs.logits, ref.obs.next_pos))
             row[f"decode_{name}_tok_s"] = statistics.median(speeds)
+            row[f"bw_{name}"] = row["step_MB"] * 2**20 * row[f"decode_{name}_tok_s"] / 1e9 / args.limits["copy_gb_s"]
             if ref_speeds:
                 row[f"ref_decode_{name}_tok_s"] = statistics.median(ref_speeds)
         rows.append(row)
@@ -224,13 +272,17 @@ def format_row(r, args) -> str:
 
 def markdown(rows, args) -> str:
     names = [k for k in rows[0] if k.startswith("decode_")]
-    head = ["L", "budget", "prefill s", *[f"evict {m} %" for m in args.methods], *[n[7:] for n in names],
-            "KV MB", "peak MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    bws = [k for k in rows[0] if k.startswith("bw_")]
+    head = ["L", "budget", "prefill s", "prefill % mm (weights)", *[f"evict {m} %" for m in args.methods],
+            *[n[7:] for n in names], *[f"decode % bw ({k[3:]})" for k in bws], "KV MB", "peak MB"]
+    lines = [f"machine: torch.mm {args.limits['matmul_gflop_s']:.0f} GFLOP/s, copy {args.limits['copy_gb_s']:.1f} GB/s "
+             f"(measured at start, {args.dtype})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["length"], r["budget"], f"{r['prefill_s']:.2f}",
+                 f"{100 * r['prefill_mm']:.0f} ({100 * r['prefill_weights_mm']:.0f})",
                  *[f"{100 * r[f'evict_{m}']:.1f}" if f"evict_{m}" in r else "" for m in args.methods],
-                 *[f"{r[n]:.1f}" for n in names], f"{r['kv_MB']:.1f}",
+                 *[f"{r[n]:.1f}" for n in names], *[f"{100 * r[k]:.0f}" for k in bws], f"{r['kv_MB']:.1f}",
                  f"{max(v for k, v in r.items() if k.startswith('peak')):.0f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
@@ -323,13 +375,18 @@ def per_token_ms(stamps: list[tuple[float, int]]) -> float:
     return 1000 * (t1 - t0) / (n1 - n0)
 
 
-def lqc_run(model, ids: list[int], cfg: lqc.EvictConfig, n_new: int):
-    """A run_fn for end_to_end: lqc's run from the prompt ids, exactly n_new tokens (no EOS)."""
+def lqc_run(model, ids: list[int], cfg: lqc.EvictConfig, n_new: int, fused=None):
+    """A run_fn for end_to_end: lqc's run from the prompt ids, exactly n_new tokens (no EOS); fused:
+    the compiled prefill segments (`Transformer.fuse_prefill`) to prefill with, or None (eager)."""
     def fn():
         stamps = []
+        model.fused = fused
         t = time.perf_counter()
-        _, stats = G.run(model, ids, cfg, max_new_tokens=n_new, eos_ids=(),
-                         on_token=lambda out: stamps.append((time.perf_counter(), len(out))))
+        try:
+            _, stats = G.run(model, ids, cfg, max_new_tokens=n_new, eos_ids=(),
+                             on_token=lambda out: stamps.append((time.perf_counter(), len(out))))
+        finally:
+            model.fused = None
         return stats.prefill_s + stats.evict_s, time.perf_counter() - t, per_token_ms(stamps)
     return fn
 
@@ -377,15 +434,23 @@ def peer_rows(model, tok, args, device, dtype) -> list[dict]:
     transformers.logging.disable_progress_bar()
     hf = load_peer(args.ckpt, dtype).to(device)
     n_new, budget, rows = args.peer_tokens, args.peer_budget, []
+    fused = None
+    if not args.no_compile:  # lqc's prefill also with its element-wise work compiled (generate.py --compile)
+        args.prefill_compile_s = model.fuse_prefill()
+        fused, model.fused = model.fused, None
+        print(f"prefill segments compiled in {args.prefill_compile_s:.1f} s", file=sys.stderr)
     for n in args.lengths:
         ids = prompt_ids(tok, n)
         x = torch.tensor([ids], device=device)
         snap = kvpress.SnapKVPress(compression_ratio=1 - budget / n, window_size=args.window, kernel_size=7)
-        runs = {"lqc full": lqc_run(model, ids, lqc.EvictConfig(method="full"), n_new),
+        full, snapkv = lqc.EvictConfig(method="full"), lqc.EvictConfig(method="snapkv", budget=budget, window=args.window)
+        runs = {"lqc full": lqc_run(model, ids, full, n_new),
                 "transformers full": hf_run(hf, x, n_new),
-                f"lqc snapkv {budget}": lqc_run(model, ids, lqc.EvictConfig(method="snapkv", budget=budget,
-                                                                             window=args.window), n_new),
+                f"lqc snapkv {budget}": lqc_run(model, ids, snapkv, n_new),
                 f"kvpress SnapKVPress {budget}": hf_run(hf, x, n_new, snap)}
+        if fused:
+            runs["lqc full fused"] = lqc_run(model, ids, full, n_new, fused)
+            runs[f"lqc snapkv {budget} fused"] = lqc_run(model, ids, snapkv, n_new, fused)
         for name, fn in runs.items():
             fn()  # warm-up
         for name, times in interleaved(runs, args.reps).items():
@@ -400,7 +465,8 @@ def peer_markdown(rows, budget) -> str:
     lines = ["| L | system | prefill s | decode ms/token | end to end s | ratio to peer (prefill, decode, e2e) |",
              "|---|---|---|---|---|---|"]
     by = {(r["length"], r["system"]): r for r in rows}
-    peer_of = {"lqc full": "transformers full", f"lqc snapkv {budget}": f"kvpress SnapKVPress {budget}"}
+    peer_of = {"lqc full": "transformers full", f"lqc snapkv {budget}": f"kvpress SnapKVPress {budget}",
+               "lqc full fused": "transformers full", f"lqc snapkv {budget} fused": f"kvpress SnapKVPress {budget}"}
     for r in rows:
         ratio = ""
         if r["system"] in peer_of:
@@ -427,7 +493,8 @@ def parse_args(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="tokens per prefill forward (default: the whole prompt in one causal pass; 512 for padded "
                         "batches and H2O)")
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the compiled decode step (and, with --peers, the rows with the fused prefill)")
     p.add_argument("--peers", action="store_true",
                    help="also run transformers (full cache) and kvpress SnapKVPress on the same prompts, end to end "
                         "(needs requirements-hf.txt); only the peer table")
@@ -551,6 +618,9 @@ def main(args):
         flex = G.flex_available(device)
         steps["compiled"] = (G.make_step(model, compile=True), flex)
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache capacity
+    args.limits = machine_limits(device, dtype)
+    print(f"machine: torch.mm {args.limits['matmul_gflop_s']:.0f} GFLOP/s, copy {args.limits['copy_gb_s']:.1f} GB/s",
+          file=sys.stderr)
     result = {"args": vars(args), "device": str(device), "torch": torch.__version__, "rows": [], "end_to_end": []}
     ref = limit_reference(model, tok, device)
     for n in args.lengths:

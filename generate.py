@@ -91,7 +91,7 @@ def prefill_chunks(model, ids: torch.Tensor, *, chunk: int | None = None, keep_q
     for s in range(0, L, chunk):
         pos = pos_all[:, s:s + chunk]
         out = model(ids[:, s:s + chunk], pos, cache, return_queries=want_q, last_logits=1,
-                    last_queries=None if h2o else keep_queries)
+                    last_queries=None if h2o else keep_queries, prefill=True)
         logits, qs = out if want_q else (out, None)
         if h2o:
             mass = [lqc.accumulate_mass(None if mass is None else mass[l], q, cache.k[l], pos, cache.pos[l])
@@ -182,6 +182,7 @@ class Stats:
     new_tokens: int = 0
     decode_s: float = 0.0  # without compilation
     compile_s: float = 0.0  # the compiled step's first call (compiles once per cache capacity)
+    prefill_compile_s: float = 0.0  # --compile: the fused prefill segments (once per process; inductor caches on disk)
     drafted: int = 0  # speculative modes (reuse, verify): draft tokens proposed and accepted
     accepted: int = 0
     cache_limit: int | None = None
@@ -191,6 +192,8 @@ class Stats:
     def line(self) -> str:
         tps = self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
         compiled = f" | compile {self.compile_s:.1f} s" if self.compile_s else ""
+        if self.prefill_compile_s:
+            compiled += f" (+ {self.prefill_compile_s:.1f} s for prefill)"
         draft = f" | draft {self.accepted}/{self.drafted} accepted" if self.drafted else ""
         limit = "" if self.cache_limit is None else (
             f" | limit {self.cache_limit}: eviction {100 * self.limit_evict_s / max(self.decode_s, 1e-9):.1f}% of decode")
@@ -207,7 +210,7 @@ def evict(cfg: lqc.EvictConfig, model, pre: Prefill, *, eos_ids=(), fast: FastPa
     def lookahead_step(kept):
         if fast is None:
             return query_step(model, pre.cache.gather(kept))
-        scratch = fast.pack(model, pre.cache.gather(kept), extra=max(fast.extra, cfg.lookahead))
+        scratch = fast.pack(model, pre.cache.gather(kept), extra=max(fast.extra, cfg.lookahead), scratch=True)
         return lambda tokens, pos: fast(tokens, pos, scratch)
     indices = lqc.plan_eviction(cfg, pre.obs, keys=pre.cache.k, positions=pre.cache.pos, eos_ids=eos_ids,
                                 lookahead_step=lookahead_step, on_pseudo=on_pseudo)
@@ -256,7 +259,9 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
     if fast or compile or kv_bits:
         extra = max(room, cfg.lookahead) if capacity is None else 0
         fp = FastPath(step or make_step(model, compile), extra, flex=compile and flex_available(device), capacity=capacity,
-                      kv_bits=kv_bits)
+                      kv_bits=kv_bits, compiled=compile)
+    if compile and model.fused is None:  # --compile covers prefill too: its element-wise work, fused
+        stats.prefill_compile_s = model.fuse_prefill()
     sync(device)  # on CUDA, the stages' times are the GPU's, not the launches'
     t0 = time.perf_counter()
     pre = prefill(model, x, chunk=prefill_chunk, keep_queries=cfg.obs_window, h2o=cfg.needs_mass,
@@ -277,7 +282,9 @@ def run_batch(model, prompts: list[list[int]], cfg: lqc.EvictConfig, *, max_new_
     draft = None
     if verify and indices is not None:  # nothing evicted: nothing to check
         draft = CacheDraft(cache=cache, step=step, k=k, sampling=sampling)
-        cache = to_static(model, pre.cache, fp.extra, flex=False) if fp else pre.cache  # the target: the full cache
+        # the target: the full cache, on the draft's attention path (a compiled step compiles once more,
+        # for the target's capacity, not for another path)
+        cache = to_static(model, pre.cache, fp.extra, flex=fp.flex, kv_bits=kv_bits) if fp else pre.cache
     elif reuse and pseudo:
         draft = PseudoDraft(tokens=pseudo[0])
     sync(device)
@@ -438,9 +445,10 @@ def parse_args(argv=None):
                         "batches and H2O)")
     p.add_argument("--fast", action="store_true", help="decode over a static (fixed-capacity) compacted cache")
     p.add_argument("--compile", action="store_true",
-                   help="--fast plus torch.compile of the decode step over FlexAttention; the first step compiles "
-                        "(shown apart as 'compile' in the summary). Pays on a GPU at once; on a CPU (~1.2x faster "
-                        "steps) after ~1,000 tokens when inductor's cache is warm, ~8,000 when cold (~2 min)")
+                   help="--fast plus torch.compile of the decode step over FlexAttention, and of prefill's element-wise "
+                        "work (RMSNorm, RoPE, SwiGLU; one dynamic graph for every length); compiling is shown apart as "
+                        "'compile' in the summary. Pays on a GPU at once; on a CPU (~1.2x faster steps) after ~1,000 "
+                        "tokens when inductor's cache is warm, ~8,000 when cold (~2 min)")
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                    help="LAQ / LAQ++: check the lookahead's pseudo tokens as a draft and keep the accepted ones")
     p.add_argument("--verify", default="none", choices=["none", "full"],

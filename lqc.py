@@ -436,6 +436,9 @@ class Method:
     needs_queries: bool = False  # the decode-time rule reads the last `window` decode queries
     query_window: Callable[[EvictConfig], int] = lambda c: 0  # trailing prompt queries prefill keeps
     windows: tuple = ()  # EvictConfig fields that are part of the budget: clamped to it (the window rule)
+    # the most prompt entries one KV head keeps, given (cfg, n_layers): sizes a fixed-capacity slot
+    # (serve.py). Ada-KV's widest head depends on the prompt: a slot cuts it to the budget (cfg.cap)
+    widest: Callable[[EvictConfig, int], int] = lambda c, n_layers: c.budget
     style: tuple = ("tab:gray", "o", "-")  # color, marker, line style in figures
 
 
@@ -447,7 +450,8 @@ METHODS = {  # "full" evicts nothing and has no entry
     "h2o": Method(label="H2O", scores=scores_h2o, keep_last=lambda c: c.window, limit_scores=limit_h2o,
                   needs_mass=True, windows=("window",), style=("tab:brown", "^", ":")),
     "snapkv": Method(label="SnapKV", **_SNAP, style=("tab:blue", "s", "-.")),
-    "pyramidkv": Method(label="PyramidKV", **_SNAP, allocate=allocate_pyramid, style=("tab:cyan", "D", "-.")),
+    "pyramidkv": Method(label="PyramidKV", **_SNAP, allocate=allocate_pyramid, style=("tab:cyan", "D", "-."),
+                        widest=lambda c, n_layers: max(budgets_pyramid(n_layers, c.budget, c.window, c.beta))),
     "adakv": Method(label="Ada-KV", **_SNAP, allocate=allocate_adakv, style=("tab:purple", "P", "-.")),
     "laq": Method(label="LAQ", **_SNAP | dict(keep_last=lambda c: 0), lookahead=True, style=("tab:orange", "o", "-")),
     "laqpp": Method(label="LAQ++", **_SNAP | dict(keep_last=lambda c: c.window_laqpp,

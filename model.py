@@ -455,18 +455,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, pos, cache, keep: int | None = None):
-        """Every token's query, K and V (into the cache); attention and the output `[B, T', dim]`
-        only for the last `keep` tokens (all by default)."""
+    def qkv(self, x, cos, sin):
+        """x `[B, T, dim]` -> post-RoPE q `[B, H_q, T, D]`, k and v `[B, H_kv, T, D]`."""
         B, T, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = apply_rope(self.q_norm(self.wq(x).view(B, T, Hq, D)).transpose(1, 2), cos, sin)  # [B, H_q, T, D]
-        k = apply_rope(self.k_norm(self.wk(x).view(B, T, Hkv, D)).transpose(1, 2), cos, sin)  # [B, H_kv, T, D]
-        v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, H_kv, T, D]
-        k_all, v_all, _ = cache.update(self.layer, k, v, pos)  # [B, H_kv, S, D]
-        q_out, pos = (q, pos) if keep is None else (q[:, :, -keep:], pos[:, -keep:])
-        y = cache.attend(self.layer, q_out, k_all, v_all, pos)  # [B, H_q, T', D]
-        return self.wo(y.transpose(1, 2).reshape(B, q_out.shape[2], Hq * D)), q
+        q = apply_rope(self.q_norm(self.wq(x).view(B, T, Hq, D)).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_norm(self.wk(x).view(B, T, Hkv, D)).transpose(1, 2), cos, sin)
+        return q, k, self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
 
 
 def grouped_attention(q, k, v, q_pos, k_pos):
@@ -528,10 +523,26 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, pos, cache, keep: int | None = None):
-        a, q = self.attention(self.attention_norm(x), cos, sin, pos, cache, keep)
-        x = (x if keep is None else x[:, -keep:]) + a
-        return x + self.feed_forward(self.ffn_norm(x)), q
+    def forward(self, x, cos, sin, pos, cache, keep: int | None = None, fused=None):
+        """Every token's query, K and V (into the cache); attention and the output `[B, T', dim]`
+        only for the last `keep` tokens (all by default). The work before and after attention is
+        two tensor-only segments, `qkv` and `mix`; `fused` holds compiled versions of them
+        (`Transformer.fuse_prefill`)."""
+        qkv, mix = fused or (Block.qkv, Block.mix)
+        layer = self.attention.layer
+        q, k, v = qkv(self, x, cos, sin)
+        k_all, v_all, _ = cache.update(layer, k, v, pos)  # [B, H_kv, S, D]
+        q_out, q_pos = (q, pos) if keep is None else (q[:, :, -keep:], pos[:, -keep:])
+        y = cache.attend(layer, q_out, k_all, v_all, q_pos)  # [B, H_q, T', D]
+        return mix(self, x if keep is None else x[:, -keep:], y), q
+
+    def qkv(self, x, cos, sin):
+        return self.attention.qkv(self.attention_norm(x), cos, sin)
+
+    def mix(self, x, y):
+        """The attention output y `[B, H_q, T, D]` projected and added, then the MLP's residual."""
+        x = x + self.attention.wo(y.transpose(1, 2).flatten(2))
+        return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
@@ -543,6 +554,23 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.fused = None  # compiled Block.qkv / Block.mix for prefill (fuse_prefill)
+
+    def fuse_prefill(self) -> float:
+        """Compile the element-wise work around each layer's matmuls (RMSNorm, RoPE, SwiGLU, residuals)
+        for prefill: one dynamic compilation serves every layer and prompt length (inductor caches
+        it on disk). Attention itself stays the caches' (SDPA). Compiles at once, on an 8-token
+        chunk, and returns the seconds that took (cold: minutes on a CPU; warm: seconds)."""
+        import time
+        self.fused = (torch.compile(Block.qkv, dynamic=True), torch.compile(Block.mix, dynamic=True))
+        w = self.tok_embeddings.weight
+        x = torch.zeros(1, 8, self.args.dim, dtype=w.dtype, device=w.device)
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(8, device=w.device)[None], w.dtype)
+        t = time.perf_counter()
+        with torch.no_grad():
+            q, _, _ = self.fused[0](self.layers[0], x, cos, sin)
+            self.fused[1](self.layers[0], x, torch.zeros_like(q))
+        return time.perf_counter() - t
 
     def _apply(self, fn, recurse=True):
         # RoPE frequencies stay fp32 whatever dtype the weights move to: in bf16 they would put a
@@ -556,18 +584,20 @@ class Transformer(nn.Module):
         return KVCache(self.args.n_layers)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache, return_queries: bool = False, *,
-                last_logits: int | None = None, last_queries: int | None = None):
+                last_logits: int | None = None, last_queries: int | None = None, prefill: bool = False):
         """tokens, pos `[B, T]` -> logits `[B, T, V]` (fp32); with `return_queries`, also the post-RoPE
         queries of these tokens per layer, a list of `[B, H_q, T, D]`. The cache grows by T.
         last_logits / last_queries: only those of the last n tokens (a prefill needs the final
-        logits and a few queries, not `[B, L, V]`)."""
+        logits and a few queries, not `[B, L, V]`). prefill: a prompt chunk, run with the
+        fused segments when `fuse_prefill` made them."""
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         queries = []
         # the last layer's outputs feed only the logits asked for: its other tokens need their
         # queries and K/V, not attention and MLP (a prefill skips most of a layer)
+        fused = self.fused if prefill else None  # decoding has its own compiled step
         for i, block in enumerate(self.layers):
-            x, q = block(x, cos, sin, pos, cache, last_logits if i == len(self.layers) - 1 else None)
+            x, q = block(x, cos, sin, pos, cache, last_logits if i == len(self.layers) - 1 else None, fused)
             if return_queries:
                 queries.append(q if last_queries is None else q[:, :, -last_queries:])
         x = self.norm(x)  # [B, T or last_logits, dim]: the last block kept only those

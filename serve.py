@@ -20,6 +20,7 @@ clock jumps to it), so the timings are the machine's work only.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import random
@@ -53,7 +54,7 @@ def parse_size(text: str) -> int:
     """'1.5GB', '64MB', '512MiB', '1000000' -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     unit = m and (m.group(2).upper() or "B")
-    if not m or unit not in UNITS:
+    if not m or unit not in UNITS or len(m.group(1)) > 20:  # 20 digits: far more than any machine holds
         raise BadInput(f"--kv-memory {text!r}: give a size such as 64MB, 1.5GB or 512MiB")
     return int(float(m.group(1)) * UNITS[unit])
 
@@ -83,30 +84,52 @@ class Request:
     arrival: float = 0.0
     expected: tuple = ()  # generated requests: what the answer must contain (ruler.score)
 
-    def holds(self) -> int:
+    def holds(self, n_layers: int) -> int:
         """Cache entries per KV head the request needs: its kept prompt plus its answer."""
-        kept = len(self.ids) if self.cfg.method == "full" else min(len(self.ids), self.cfg.budget)
+        entry = self.cfg.entry
+        kept = len(self.ids) if entry is None else min(len(self.ids), entry.widest(self.cfg, n_layers))
         return kept + self.max_new_tokens
+
+
+def _text(value, where: str, what: str) -> str:
+    """A non-empty string that encodes as UTF-8 (JSON can escape a lone surrogate, which no tokenizer takes)."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadInput(f"{where}: {what} must be a non-empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(f"{where}: {what} is not valid Unicode (a lone surrogate escape such as \\ud800)") from None
+    return value
 
 
 def request_text(r: dict, where: str) -> tuple[str, str | None]:
     """(user text, system text or None) of one request object."""
     if "prompt" in r:
-        if not isinstance(r["prompt"], str) or not r["prompt"].strip():
-            raise BadInput(f"{where}: 'prompt' must be a non-empty string")
-        return cli.check_utf8(r["prompt"], f"{where}: 'prompt'"), None
+        return _text(r["prompt"], where, "'prompt'"), None
     msgs = r.get("messages")
     if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs)):
         raise BadInput(f"{where}: give 'prompt' (a string) or 'messages' (a list of {{role, content}})")
-    roles = [m.get("role") for m in msgs]
-    if roles not in (["user"], ["system", "user"]) or not all(isinstance(m.get("content"), str) for m in msgs):
-        raise BadInput(f"{where}: 'messages' must be one user message, optionally after one system message, each "
-                       "with a string 'content' (one turn: lqc serves single-turn requests)")
-    return cli.check_utf8(msgs[-1]["content"], f"{where}: user content"), (
-        cli.check_utf8(msgs[0]["content"], f"{where}: system content") if len(msgs) == 2 else None)
+    if [m.get("role") for m in msgs] not in (["user"], ["system", "user"]):
+        raise BadInput(f"{where}: 'messages' must be one user message, optionally after one system message "
+                       "(lqc serves single-turn requests)")
+    system = _text(msgs[0].get("content"), where, "the system content") if len(msgs) == 2 else None
+    return _text(msgs[-1].get("content"), where, "the user content"), system
 
 
-def parse_request(line: str, n: int, tok, default: lqc.EvictConfig, max_new_tokens: int, chat: bool) -> Request:
+def _count(value, where: str, what: str, low: float, integer: bool) -> float:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    try:
+        ok = ok and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    except OverflowError:  # an integer too large for a float
+        ok = False
+    if not ok:
+        raise BadInput(f"{where}: {what} must be {'an integer' if integer else 'a number'} >= {low:g}")
+    return value
+
+
+def parse_request(line: str, n: int, tok, flags: dict, chat: bool) -> Request:
+    """One request line; `flags`: the command line's method, budget, windows and max_new_tokens, the
+    defaults of a request's own fields."""
     where = f"line {n}"
     try:
         r = json.loads(line)
@@ -117,34 +140,34 @@ def parse_request(line: str, n: int, tok, default: lqc.EvictConfig, max_new_toke
     if not isinstance(r, dict) or "id" not in r:
         raise BadInput(f"{where}: a request is a JSON object with an 'id'")
     text, system = request_text(r, where)
-    method, budget = r.get("method", default.method), r.get("budget", default.budget)
-    if method not in lqc.method_names() or not (isinstance(budget, int) and not isinstance(budget, bool)):
-        raise BadInput(f"{where}: 'method' must be one of {', '.join(lqc.method_names())} and 'budget' an integer")
-    try:  # the window rule as on the command line: a window above the request's budget is clamped to it
-        cfg = cli.evict_config(method=method, budget=budget, window=default.window, window_laqpp=default.window_laqpp,
-                               lookahead=default.lookahead, kernel=default.kernel, pool=default.pool)
-    except BadInput as e:
-        raise BadInput(f"{where}: {e} (the request's 'budget')") from None
-    max_new = r.get("max_new_tokens", max_new_tokens)
-    arrival = r.get("arrival", 0.0)
-    if not (isinstance(max_new, int) and not isinstance(max_new, bool) and max_new > 0):
-        raise BadInput(f"{where}: 'max_new_tokens' must be an integer > 0")
-    if not (isinstance(arrival, (int, float)) and not isinstance(arrival, bool) and math.isfinite(arrival)
-            and arrival >= 0):
-        raise BadInput(f"{where}: 'arrival' must be a number of seconds >= 0")
-    ids = tok.prompt_ids(text, chat=chat and tok.chat_format is not None, system=system)
+    if system is not None and not (chat and tok.chat_format):
+        raise BadInput(f"{where}: a system message needs the checkpoint's chat format (and no --no-chat)")
+    method = r.get("method", flags["method"])
+    if method not in lqc.method_names():
+        raise BadInput(f"{where}: 'method' must be one of {', '.join(lqc.method_names())}")
+    budget = _count(r.get("budget", flags["budget"]), where, "'budget'", 1, integer=True)
+    max_new = _count(r.get("max_new_tokens", flags["max_new_tokens"]), where, "'max_new_tokens'", 1, integer=True)
+    arrival = _count(r.get("arrival", 0.0), where, "'arrival' (seconds)", 0, integer=False)
+    # the window rule as on the command line, from the flags as given: a window above the request's
+    # budget is clamped to it
+    cfg = cli.evict_config(method=method, budget=budget, window=flags["window"], window_laqpp=flags["window_laqpp"],
+                           lookahead=flags["lookahead"])
+    try:
+        ids = tok.prompt_ids(text, chat=chat and tok.chat_format is not None, system=system)
+    except cli.CheckpointError as e:  # a token id past the model's embeddings
+        raise BadInput(f"{where}: {e}") from None
     return Request(r["id"], n, ids, cfg, max_new, float(arrival))
 
 
-def read_requests(path: str, tok, default, max_new_tokens, chat) -> tuple[list[Request], list[dict]]:
-    """The requests of a JSONL file and an error record for each line that is not one."""
-    text = cli.read_file_text(path, "--requests")
+def read_requests(text: str, tok, flags: dict, chat: bool) -> tuple[list[Request], list[dict]]:
+    """The requests of a JSONL text and an error record for each line that is not one. Lines end at
+    "\\n" only: JSON allows U+2028 and friends raw inside strings."""
     requests, errors = [], []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            requests.append(parse_request(line, n, tok, default, max_new_tokens, chat))
+            requests.append(parse_request(line, n, tok, flags, chat))
         except BadInput as e:
             rid = None
             try:
@@ -223,9 +246,11 @@ class Server:
         if len(req.ids) + req.max_new_tokens > ctx:
             return (f"prompt ({len(req.ids)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
                     f"context of {ctx}")
-        if req.holds() > self.capacity:
-            return (f"the request keeps {req.holds()} entries per KV head (kept prompt + max_new_tokens) and a slot "
-                    f"holds {self.capacity}: raise --kv-memory or use an evicting method with a smaller budget")
+        need = req.holds(self.model.args.n_layers)
+        if need > self.capacity:
+            return (f"the request keeps {need} entries per KV head (its kept prompt + max_new_tokens) and a slot holds "
+                    f"{self.capacity} (set by --method, --budget and --max-new-tokens): lower the request's budget or "
+                    "max_new_tokens, or raise those flags")
         return None
 
     @torch.no_grad()
@@ -246,8 +271,10 @@ class Server:
                     job = (req, self.start_prefill(req), free[0])
             if job is not None:
                 job = self.prefill_step(job, clock, on_done)
-            if self.static and job is None:  # the batch is complete once every slot is taken or nobody waits
-                filling = None in self.slots and bool(queue) and queue[0].arrival <= clock.now()
+                if self.static and job is None:  # one more in: the batch is complete once full or nobody waits
+                    filling = None in self.slots and bool(queue) and queue[0].arrival <= clock.now()
+            elif self.static and any(self.slots):  # nobody to admit now: the batch starts decoding
+                filling = False
             if any(self.slots) and not (self.static and filling):
                 self.decode_step(clock, on_done)
             self.peak = max(self.peak, sum(s is not None for s in self.slots))
@@ -263,16 +290,19 @@ class Server:
         t = time.perf_counter()
         try:
             next(chunks)
+            G.sync(self.device)  # on CUDA, the chunk's time is the GPU's, not its launches'
             self.prefill_s += time.perf_counter() - t
             return job
         except StopIteration as done:
             pre = done.value
+        G.sync(self.device)
         self.prefill_s += time.perf_counter() - t
         t = time.perf_counter()
         # PyramidKV / Ada-KV: no layer or head keeps more than the slot holds besides the answer
         cfg = replace(req.cfg, cap=max(self.capacity - req.max_new_tokens, req.cfg.budget))
         cache, _ = G.evict(cfg, self.model, pre, eos_ids=self.tok.eos_ids)
         self.cache.load(slot, cache)
+        G.sync(self.device)
         self.evict_s += time.perf_counter() - t
         first = int(sample(pre.obs.logits, self.sampling, self.gen)[0])
         act = Active(req, int(pre.obs.next_pos[0]), first, times=[clock.now()])
@@ -326,18 +356,22 @@ class Server:
 
 def plan_slots(model, requests: list[Request], kv_memory: int, default: lqc.EvictConfig, max_new_tokens: int,
                kv_bits: int | None = None) -> tuple:
-    """(slots, capacity): a slot holds what the default policy keeps plus an answer: the longest
-    request for the full cache, budget + max_new_tokens when evicting."""
+    """(slots that fit, capacity): a slot holds what the default policy keeps plus an answer: the
+    longest request for the full cache; when evicting, the budget (PyramidKV: its widest layer)
+    plus max_new_tokens. Ada-KV's heads are cut to the budget in a slot (`Server.prefill_step`):
+    its widest head depends on the prompt, a static slot cannot."""
     if default.method == "full":
         capacity = max((len(r.ids) + r.max_new_tokens for r in requests), default=max_new_tokens)
     else:
-        capacity = default.budget + max_new_tokens
+        capacity = default.entry.widest(default, model.args.n_layers) + max_new_tokens
     per_slot = slot_bytes(model, capacity, kv_bits)
     slots = kv_memory // per_slot
     if slots < 1:
         raise BadInput(f"--kv-memory {kv_memory / 1e6:.1f} MB holds no slot: one slot of {capacity} entries takes "
                        f"{per_slot / 1e6:.1f} MB with this model; raise it, or lower --budget / --max-new-tokens")
     return int(slots), capacity
+
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,12 +418,16 @@ def parse_args(argv=None):
     b.add_argument("--requests-n", type=int, default=16, help="number of generated requests")
     b.add_argument("--rates", nargs="+", type=float, default=[0.5, math.inf],
                    help="Poisson arrival rates in requests per second (inf: all at once)")
+    b.add_argument("--peers", action="store_true",
+                   help="also transformers generate on the same requests (full cache, padded batches of the size the "
+                        "same memory allows, all at once)")
     b.add_argument("--rows", nargs="+", default=["full", "snapkv:256", "laqpp:256", "laqpp:512"],
                    help="method:budget per row (full: no budget); static: prefix for --static-batches")
     return p.parse_args(argv)
 
 
-def check_args(args) -> lqc.EvictConfig:
+def check_args(args, notes: list) -> lqc.EvictConfig:
+    """Every flag, and --requests / --out, before any model work."""
     cli.positive("--max-new-tokens", args.max_new_tokens)
     cli.positive("--prefill-chunk", args.prefill_chunk)
     cli.check_sampling(args.temperature, args.top_k, args.top_p, args.seed)
@@ -398,38 +436,53 @@ def check_args(args) -> lqc.EvictConfig:
     if args.requests is not None and args.out is None:
         raise BadInput("--requests needs --out FILE.jsonl for the answers")
     args.kv_bytes = parse_size(args.kv_memory)
-    return cli.evict_config(method=args.method, budget=args.budget, window=args.window, window_laqpp=args.window_laqpp,
-                            lookahead=args.lookahead, notes=[])
+    if args.peers and importlib.util.find_spec("transformers") is None:
+        raise BadInput("--peers needs transformers: pip install -r requirements-hf.txt")
+    args.flags = {k: getattr(args, k) for k in ("method", "budget", "window", "window_laqpp", "lookahead", "max_new_tokens")}
+    cfg = cli.evict_config(method=args.method, budget=args.budget, window=args.window, window_laqpp=args.window_laqpp,
+                           lookahead=args.lookahead, notes=notes)
+    if args.requests is not None:
+        args.out_path = Path(args.out)
+        if args.out_path.is_dir():
+            raise BadInput(f"--out {args.out} is a directory: give a file name")
+        if not args.out_path.parent.is_dir():
+            raise BadInput(f"--out {args.out}: no directory {args.out_path.parent}")
+        args.done = answered_lines(args.out_path)
+        args.requests_text = cli.read_file_text(args.requests, "--requests")
+    return cfg
 
 
 def answered_lines(path: Path) -> set:
-    """Request lines already in --out (answers and errors): a rerun skips them."""
+    """Request lines already answered in --out: a rerun skips them (refused lines are tried again,
+    since a refusal may depend on this run's flags; the last record of a line is the one that counts)."""
     done = set()
-    for n, line in enumerate(cli.whole_lines(path), 1):
+    try:
+        lines = cli.whole_lines(path)
+    except OSError as e:
+        raise BadInput(f"cannot read --out {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
         except ValueError:
             raise BadInput(f"--out {path} line {n} is not JSON: not an answers file of serve.py; use another --out") from None
-        if not isinstance(rec, dict) or "line" not in rec:
-            raise BadInput(f"--out {path} line {n} has no 'line': not an answers file of serve.py; use another --out")
-        done.add(rec["line"])
+        if not isinstance(rec, dict) or not isinstance(rec.get("line"), int):
+            raise BadInput(f"--out {path} line {n} has no 'line' number: not an answers file of serve.py; use another --out")
+        if "text" in rec:
+            done.add(rec["line"])
     return done
 
 
 def serve(args, cfg, model, tok):
-    out = Path(args.out)
-    if out.is_dir():
-        raise BadInput(f"--out {out} is a directory: give a file name")
-    if not out.parent.is_dir():
-        raise BadInput(f"--out {out}: no directory {out.parent}")
-    done = answered_lines(out)
-    requests, errors = read_requests(args.requests, tok, cfg, args.max_new_tokens, args.chat)
+    out, done = args.out_path, args.done
+    requests, errors = read_requests(args.requests_text, tok, args.flags, args.chat)
     requests = [r for r in requests if r.line not in done]
-    errors = [e for e in errors if e["line"] not in done]
-    n_slots, capacity = plan_slots(model, requests, args.kv_bytes, cfg, args.max_new_tokens, args.kv_bits)
-    server = Server(model, tok, n_slots=n_slots, capacity=capacity, prefill_chunk=args.prefill_chunk,
-                    sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed), compile=args.compile,
-                    static=args.static_batches, kv_bits=args.kv_bits)
+    ctx = model.args.max_seq_len
+    n_slots, capacity = plan_slots(model, [r for r in requests if len(r.ids) + r.max_new_tokens <= ctx], args.kv_bytes,
+                                   cfg, args.max_new_tokens, args.kv_bits)
+    # no more slots than requests: a slot no request can take would cost a dummy row in every step
+    server = Server(model, tok, n_slots=max(1, min(n_slots, len(requests))), capacity=capacity,
+                    prefill_chunk=args.prefill_chunk, sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
+                    compile=args.compile, static=args.static_batches, kv_bits=args.kv_bits)
     for r in requests:
         why = server.fits(r)
         if why:
@@ -474,22 +527,23 @@ class Row:
         return ("static " if self.static else "") + self.cfg.method + budget + (" int8" if self.kv_bits else "")
 
 
-def parse_row(text: str, default: lqc.EvictConfig) -> Row:
+def parse_row(text: str, flags: dict) -> Row:
     """'laqpp:256' -> a Row; a 'static:' prefix is static batching, a '+int8' suffix int8 entries."""
     static, int8 = text.startswith("static:"), text.endswith("+int8")
     method, _, budget = text.removeprefix("static:").removesuffix("+int8").partition(":")
     if method not in lqc.method_names() or (method != "full") != bool(budget) or budget and not budget.isdigit():
         raise BadInput(f"--rows {text!r}: give method:budget (e.g. laqpp:256) or full, with an optional static: prefix "
                        "(static batches) and +int8 suffix (int8 entries)")
-    cfg = cli.evict_config(method=method, budget=int(budget or default.budget), window=default.window,
-                           window_laqpp=default.window_laqpp, lookahead=default.lookahead)
+    cfg = cli.evict_config(method=method, budget=int(budget or flags["budget"]), window=flags["window"],
+                           window_laqpp=flags["window_laqpp"], lookahead=flags["lookahead"])
     return Row(cfg, static, 8 if int8 else None)
 
 
 def bench_row(model, tok, requests, row: Row, args) -> dict:
     n_slots, capacity = plan_slots(model, requests, args.kv_bytes, row.cfg, args.max_new_tokens, row.kv_bits)
-    server = Server(model, tok, n_slots=n_slots, capacity=capacity, prefill_chunk=args.prefill_chunk,
-                    compile=args.compile, static=row.static, ignore_eos=True, kv_bits=row.kv_bits)
+    server = Server(model, tok, n_slots=max(1, min(n_slots, len(requests))), capacity=capacity,
+                    prefill_chunk=args.prefill_chunk, compile=args.compile, static=row.static, ignore_eos=True,
+                    kv_bits=row.kv_bits)
     records, clock = [], Clock()
     server.run([r for r in requests if server.fits(r) is None], records.append, clock)
     span = clock.now()
@@ -502,7 +556,7 @@ def bench_row(model, tok, requests, row: Row, args) -> dict:
             "served": len(records), "peak": server.peak, "tok_s": sum(r["new_tokens"] for r in records) / span,
             "ttft_p50": percentile(ttft, 0.5), "ttft_p95": percentile(ttft, 0.95),
             "itl_p50": percentile(itl, 0.5), "itl_p95": percentile(itl, 0.95),
-            "decode_tok_s": sum(r["new_tokens"] for r in records) / server.decode_s,
+            "decode_tok_s": sum(r["new_tokens"] for r in records) / server.decode_s if server.decode_s else float("nan"),
             "prefill_share": server.prefill_s / span, "evict_share": server.evict_s / span,
             "acc": statistics.mean(acc) if acc else float("nan"), "span_s": span}
 
@@ -513,8 +567,39 @@ COLUMNS = [("slots", "{:d}"), ("kv_MB", "{:.0f}"), ("served", "{:d}"), ("peak", 
            ("evict_share", "{:.1%}"), ("acc", "{:.2f}")]
 
 
+@torch.no_grad()
+def transformers_row(model, tok, requests, args) -> dict:
+    """The peer: transformers `generate` (full cache, greedy, --max-new-tokens each, EOS ignored) on the
+    same prompt ids, all at once, in left-padded static batches of as many requests as --kv-memory
+    holds with the full cache in lqc's slots (transformers allocates its own cache; this sizes
+    the batch the same memory allows)."""
+    import transformers
+    from bench import load_peer
+    transformers.logging.set_verbosity_error()
+    device = model.tok_embeddings.weight.device
+    hf = load_peer(args.ckpt, model.tok_embeddings.weight.dtype).to(device)
+    n_slots, _ = plan_slots(model, requests, args.kv_bytes, lqc.EvictConfig(method="full"), args.max_new_tokens)
+    expected = {r.id: r.expected for r in requests}
+    t0, texts, first = time.perf_counter(), {}, []
+    for i in range(0, len(requests), n_slots):
+        batch = requests[i:i + n_slots]
+        x, pad = G.left_pad([r.ids for r in batch], device)
+        mask = (torch.arange(x.shape[1], device=device)[None] >= pad[:, None]).long()
+        out = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                          min_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)
+        first.append(time.perf_counter() - t0)  # the batch's answers come together
+        for r, row in zip(batch, out[:, x.shape[1]:].tolist()):
+            stop = next((j for j, t in enumerate(row) if t in tok.eos_ids), len(row))
+            texts[r.id] = tok.decode(row[:stop])
+    span = time.perf_counter() - t0
+    acc = [ruler.score(texts[r.id], expected[r.id]) for r in requests]
+    return {"slots": n_slots, "served": len(requests), "peak": min(n_slots, len(requests)),
+            "tok_s": len(requests) * args.max_new_tokens / span, "latency_p50": percentile(first, 0.5),
+            "acc": statistics.mean(acc), "span_s": span}
+
+
 def bench(args, default, model, tok):
-    rows = [parse_row(r, default) for r in args.rows]
+    rows = [parse_row(r, args.flags) for r in args.rows]
     cli.positive("--length", args.length)
     cli.positive("--requests-n", args.requests_n)
     if any(not (r > 0) for r in args.rates):
@@ -534,12 +619,24 @@ def bench(args, default, model, tok):
             print(f"| {rate:g} | {row.name} | " + " | ".join(f.format(res[c]) for c, f in COLUMNS) + " |", flush=True)
             if out:
                 cli.write_json(out, {"args": {k: v for k, v in vars(args).items()}, "rows": results})
+    if args.peers:  # all at once, as the peer serves a batch: compare with the rows at rate inf
+        reqs = [replace(r, max_new_tokens=args.max_new_tokens)
+                for r in suite_requests(tok, n=args.requests_n, length=args.length, rate=math.inf, default=default)]
+        res = transformers_row(model, tok, reqs, args)
+        results.append({"rate": math.inf, "row": "transformers full (static batches)", **res})
+        print(f"\ntransformers generate, full cache, left-padded batches of {res['slots']} (all at once): "
+              f"{res['tok_s']:.1f} tok/s over {res['span_s']:.0f} s, acc {res['acc']:.2f}", flush=True)
+        if out:
+            cli.write_json(out, {"args": {k: v for k, v in vars(args).items()}, "rows": results})
     return results
 
 
 def main(args):
-    cfg = check_args(args)
+    notes = []
+    cfg = check_args(args, notes)
     dev, dt = G.check_device(args.device, args.dtype)
+    for line in notes:  # all input is checked: what lqc does with it
+        cli.note("serve.py", line)
     model, tok = load(args.ckpt, dev, dt)
     if args.bench:
         return bench(args, cfg, model, tok)

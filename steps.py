@@ -33,9 +33,11 @@ def make_step(model, compile: bool):
     device = model.tok_embeddings.weight.device
     # dynamic=False: a new capacity gets its own static graph; the CPU FlexAttention kernel does
     # not compile with a symbolic KV length (torch 2.13)
+    # fullgraph: a graph break (Python the compiler cannot trace) fails loudly instead of running
+    # part of each step eagerly
     if device.type != "cuda":
-        return torch.compile(step, dynamic=False)
-    graph = torch.compile(step, mode="reduce-overhead", dynamic=False)
+        return torch.compile(step, dynamic=False, fullgraph=True)
+    graph = torch.compile(step, mode="reduce-overhead", dynamic=False, fullgraph=True)
 
     def cuda_graph_step(tokens, pos, cache):
         # a CUDA graph replays into the same output buffers: the lookahead keeps every step's
@@ -84,14 +86,17 @@ class FastPath:
     extra: int  # room for new tokens beyond the kept entries
     flex: bool = False  # FlexAttention block masks (the compiled path)
     compile_s: float = 0.0  # time of the step's first call when compiled
+    compiled: bool = False  # the step is compiled: its first call's time is compile_s, flex or not
     capacity: int | None = None  # slots per head of every packed cache, at least (a cache limit: exactly)
     kv_bits: int | None = None  # 8: int8 entries (see StaticKVCache)
 
-    def pack(self, model, cache, extra: int | None = None):
-        return to_static(model, cache, self.extra if extra is None else extra, self.flex, self.capacity, self.kv_bits)
+    def pack(self, model, cache, extra: int | None = None, scratch: bool = False):
+        """A static copy of `cache`; scratch (LAQ's lookahead copy): in full precision, whatever kv_bits."""
+        return to_static(model, cache, self.extra if extra is None else extra, self.flex, self.capacity,
+                         None if scratch else self.kv_bits)
 
     def __call__(self, tokens, pos, cache):
-        if self.compile_s or not self.flex:
+        if self.compile_s or not (self.compiled or self.flex):
             return self.step(tokens, pos, cache)
         t = time.perf_counter()
         out = self.step(tokens, pos, cache)

@@ -15,6 +15,7 @@ import torch
 
 import generate as G
 import lqc
+import model as M
 import serve as S
 from tiny_models import rand_ids, save_hf_dir, tiny
 
@@ -45,27 +46,49 @@ def test_every_request_equals_the_request_alone(method):
     cfgs = [lqc.EvictConfig(method=method, budget=b, window=4, window_laqpp=2, lookahead=3) for b in budgets]
     max_new = [20, 16, 14, 3, 9, 12, 7]
     requests = requests_for(model, cfgs, lengths, [0, 0, 0, 0, 0, 50.0, 50.0], max_new)
-    capacity = max(r.holds() for r in requests)
+    capacity = max(r.holds(model.args.n_layers) for r in requests)
     out, server = serve_all(model, requests, n_slots=3, capacity=capacity)
     assert server.peak == 3 and len(out) == len(requests)
     for r in requests:
-        # PyramidKV's and Ada-KV's wider layers and heads are cut to what the slot holds besides the
-        # answer, as under generate.py's --cache-limit (the other methods never reach the cap)
-        cfg = replace(r.cfg, cap=max(capacity - r.max_new_tokens, r.cfg.budget))
+        # a slot is sized for what each method keeps (PyramidKV: its widest layer), except Ada-KV,
+        # whose heads a slot cuts to what it holds besides the answer (its widest head depends on
+        # the prompt)
+        cfg = replace(r.cfg, cap=max(capacity - r.max_new_tokens, r.cfg.budget)) if method == "adakv" else r.cfg
         alone, _ = G.run(model, r.ids, cfg, max_new_tokens=r.max_new_tokens, reuse=False)
         assert out[r.id]["token_ids"] == alone, f"request {r.id}"
         assert out[r.id]["new_tokens"] == r.max_new_tokens and len(out[r.id]["itl_ms"]) == r.max_new_tokens - 1
 
 
-def test_static_batches_and_compiled_step_give_the_same_answers():
+def test_static_batches_admit_a_batch_only_when_the_last_one_is_done():
     model = tiny(4, 2, n_layers=2)
     cfg = lqc.EvictConfig(method="snapkv", budget=8, window=4)
     requests = requests_for(model, [cfg] * 5, [20, 30, 12, 25, 18], [0.0] * 5, [5, 8, 3, 6, 4])
     ref, _ = serve_all(model, requests, n_slots=2, capacity=16)
     static, _ = serve_all(model, requests, n_slots=2, capacity=16, static=True)
-    compiled, _ = serve_all(model, requests, n_slots=2, capacity=16, compile=True)
-    tokens = lambda out: {k: r["token_ids"] for k, r in out.items()}
-    assert tokens(static) == tokens(ref) == tokens(compiled)
+    assert len(static) == len(ref) == 5
+    assert {k: r["token_ids"] for k, r in static.items()} == {k: r["token_ids"] for k, r in ref.items()}
+    batches = [[0, 1], [2, 3], [4]]  # in arrival order, two slots at a time
+    for done, then in zip(batches, batches[1:]):
+        assert max(static[i]["latency_s"] for i in done) <= min(static[i]["ttft_s"] for i in then)
+    # continuous batching admits request 2 as soon as request 0 (3 tokens fewer than 1) is done
+    assert ref[2]["ttft_s"] < ref[1]["latency_s"]
+
+
+def test_compiled_step_runs_requests_coming_and_going_without_recompiling():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny(4, 2, n_layers=2)
+    cfg = lqc.EvictConfig(method="snapkv", budget=8, window=4)
+    requests = requests_for(model, [cfg] * 5, [20, 30, 12, 25, 18], [0.0] * 5, [5, 8, 3, 6, 4])
+    ref, _ = serve_all(model, requests, n_slots=2, capacity=16)
+    graphs = []
+    server = S.Server(model, STUB_TOK, n_slots=2, capacity=16, prefill_chunk=7, compile=True)
+    inner = server.step
+    server.step = lambda *a: (inner(*a), graphs.append(counters["stats"]["unique_graphs"]))[0]
+    out = []
+    server.run(requests, out.append)
+    assert {r["id"]: r["token_ids"] for r in out} == {k: r["token_ids"] for k, r in ref.items()}
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
 
 
 def test_slots_fit_the_kv_memory_and_the_cache_never_grows():
@@ -103,6 +126,23 @@ def test_request_that_does_not_fit_is_refused_not_truncated():
     assert "context" in server.fits(long)
 
 
+def test_request_fields_above_the_flags_and_a_too_long_full_request():
+    """A slot is sized by the flags: a request asking for more than it holds gets a record that says
+    which numbers to change; with the full cache, a request longer than the context is refused and
+    does not size (or empty) the slots of the others."""
+    model = tiny(4, 2, n_layers=2)
+    snap = lqc.EvictConfig(method="snapkv", budget=8, window=4)
+    big = S.Request("a", 1, list(range(30)), replace(snap, budget=20), 4)
+    server = S.Server(model, STUB_TOK, n_slots=2, capacity=8 + 4)
+    assert "lower the request's budget or max_new_tokens" in server.fits(big)
+    ctx = model.args.max_seq_len
+    full = lqc.EvictConfig(method="full")
+    reqs = [S.Request("ok", 1, list(range(20)), full, 4), S.Request("long", 2, list(range(ctx)), full, 4)]
+    fit = [r for r in reqs if len(r.ids) + r.max_new_tokens <= ctx]
+    slots, capacity = S.plan_slots(model, fit, S.slot_bytes(model, 24) * 3, full, 4)
+    assert (slots, capacity) == (3, 24)
+
+
 @pytest.mark.parametrize("text,expected", [("64MB", 64 * 10**6), ("1.5GB", 1_500_000_000), ("512MiB", 512 * 2**20),
                                            ("1000", 1000)])
 def test_parse_size(text, expected):
@@ -129,12 +169,14 @@ def test_cli_answers_refuses_bad_lines_and_resumes(tiny_ckpt, tmp_path):
     lines = [{"id": "a", "prompt": "the cat sat on the mat " * 8},
              {"id": "b", "prompt": "a dog ran " * 5, "max_new_tokens": 3, "arrival": 0.2},
              "not json",
-             {"id": "c", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}],
-              "method": "snapkv", "budget": 8},
+             {"id": "c", "messages": [{"role": "user", "content": "hi there"}], "method": "snapkv", "budget": 8},
              {"id": "d", "prompt": "x", "budget": 0},
              {"id": "e", "prompt": "long " * 900},
              {"id": "f", "messages": [{"role": "assistant", "content": "no"}]},
-             {"prompt": "no id"}]
+             {"prompt": "no id"},
+             {"id": "g", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]},
+             {"id": "h", "prompt": "a \ud800 b"},
+             {"id": "i", "prompt": "x", "arrival": 10**400}]
     reqs.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "a.jsonl"
     r = run_serve("--ckpt", tiny_ckpt, "--requests", str(reqs), "--out", str(out), "--kv-memory", "1MB",
@@ -142,19 +184,22 @@ def test_cli_answers_refuses_bad_lines_and_resumes(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     by_line = {rec["line"]: rec for rec in recs}
-    assert sorted(by_line) == list(range(1, 9))
+    assert sorted(by_line) == list(range(1, 12))
     assert {n for n, rec in by_line.items() if "text" in rec} == {1, 2, 4}
     assert by_line[2]["new_tokens"] <= 3 and by_line[4]["method"] == "snapkv"
-    assert "not JSON" in by_line[3]["error"] and "budget must be > 0" in by_line[5]["error"]
+    assert "not JSON" in by_line[3]["error"] and "'budget' must be an integer >= 1" in by_line[5]["error"]
     assert "context" in by_line[6]["error"] and "one user message" in by_line[7]["error"]
-    assert "'id'" in by_line[8]["error"]
+    assert "'id'" in by_line[8]["error"] and "needs the checkpoint's chat format" in by_line[9]["error"]
+    assert "not valid Unicode" in by_line[10]["error"] and "'arrival' (seconds) must be a number" in by_line[11]["error"]
     # a rerun into the same --out serves nothing again; a cut last line (a kill) is dropped and redone
     out.write_text(out.read_text()[:-20])
     r = run_serve("--ckpt", tiny_ckpt, "--requests", str(reqs), "--out", str(out), "--kv-memory", "1MB",
                   "--budget", "16", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
     again = [json.loads(x) for x in out.read_text().splitlines()]
-    assert sorted(rec["line"] for rec in again) == list(range(1, 9))
+    # answered lines are skipped; refused ones are tried again (and refused again)
+    assert {rec["line"] for rec in again} == set(range(1, 12))
+    assert sum("text" in rec for rec in again) == 3
 
 
 @pytest.mark.parametrize("args,message", [
@@ -180,7 +225,6 @@ def test_int8_entries_bound_the_attention_error_and_take_a_quarter_of_the_bytes(
     """One decode step over int8 entries vs the same entries in float32: the logits stay within 2%
     (relative L2) on prompts whose keys have an outlier channel (x50, as Qwen2.5's do); a KV head's
     entry takes 2 * (D + 4) + 8 bytes instead of 2 * 4 * D + 8."""
-    import model as M
     model = tiny(4, 2, n_layers=2)
     ids = rand_ids(model, 40, 1)
     pre = G.prefill(model, ids)
@@ -202,7 +246,6 @@ def test_int8_entries_bound_the_attention_error_and_take_a_quarter_of_the_bytes(
 def test_int8_keys_keep_the_small_channels_beside_an_outlier():
     """Per channel, then per token: a channel 100x larger than the others does not wash them out (a
     per-token scale alone would round them to a few codes)."""
-    import model as M
     g = torch.Generator().manual_seed(0)
     k = torch.randn(1, 2, 30, 16, generator=g)
     k[..., 0] *= 100
@@ -219,7 +262,7 @@ def test_int8_slots_answer_as_the_request_alone_with_int8(method):
     model = tiny(4, 2, n_layers=2)
     cfgs = [lqc.EvictConfig(method=method, budget=b, window=4, window_laqpp=2, lookahead=3) for b in (8, 12, 10)]
     requests = requests_for(model, cfgs, [30, 25, 40], [0.0] * 3, [12, 9, 6])
-    capacity = max(r.holds() for r in requests)
+    capacity = max(r.holds(model.args.n_layers) for r in requests)
     records = []
     server = S.Server(model, STUB_TOK, n_slots=2, capacity=capacity, prefill_chunk=7, kv_bits=8)
     server.run(requests, records.append)
@@ -234,3 +277,30 @@ def test_int8_fits_at_least_3_5x_the_slots_of_float32():
         fake = SimpleNamespace(args=replace(model.args, head_dim=D), tok_embeddings=model.tok_embeddings)
         ratio = S.slot_bytes(fake, 576) / S.slot_bytes(fake, 576, kv_bits=8)
         assert ratio >= 3.5, (D, ratio)
+
+
+def test_a_killed_run_leaves_whole_lines_and_a_rerun_finishes_it(tiny_ckpt, tmp_path):
+    """kill -9 after the first answers: --out holds only whole JSON lines (each written with one
+    call); the rerun serves the rest and no request twice."""
+    import os
+    import signal
+    import time
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text("".join(json.dumps({"id": i, "prompt": "the cat sat on the mat " * (3 + i % 10)}) + "\n"
+                            for i in range(60)))
+    out = tmp_path / "a.jsonl"
+    args = [sys.executable, "serve.py", "--ckpt", tiny_ckpt, "--requests", str(reqs), "--out", str(out),
+            "--kv-memory", "500KB", "--budget", "16", "--max-new-tokens", "200"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    first = [json.loads(x) for x in out.read_text().splitlines()]  # every line whole
+    assert 2 <= len(first) < 60
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all("text" in rec for rec in recs), [rec for rec in recs if "text" not in rec][:1]
+    assert sorted(rec["line"] for rec in recs) == list(range(1, 61))  # each request answered once
