@@ -289,6 +289,45 @@ def markdown(rows, args) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# int8 entries: which scale for the keys (--kv-error)
+
+@torch.no_grad()
+def kv_error_rows(model, tok, args, device) -> list[dict]:
+    """Attention output error of int8 K/V against the float cache, per layer, on a --lengths[0]-token
+    prompt with its last 16 queries, for three key scales (values per token in all): per token, per
+    channel (over the prompt), per channel then per token (what `--kv-bits 8` stores)."""
+    import model as M
+
+    def per_token(x):
+        return M.dequantize(M.quantize(x), x.dtype)
+
+    def per_channel(x):
+        scale = x.abs().amax(-2, keepdim=True).clamp(min=1e-12) / 127
+        return (x / scale).round().clamp(-127, 127) * scale
+    ids = torch.tensor([prompt_ids(tok, args.lengths[0])], device=device)
+    pre = G.prefill(model, ids, keep_queries=16)
+    keys = {"per token": per_token, "per channel": per_channel,
+            "per channel, then per token": lambda k, p: per_token(k / M.channel_scale(k, p)) * M.channel_scale(k, p)}
+    rows = []
+    for name, fn in keys.items():
+        errs = []
+        for k, v, p, q in zip(pre.cache.k, pre.cache.v, pre.cache.pos, pre.obs.obs_q):
+            ref = M.grouped_attention(q, k, v, pre.obs.obs_pos, p)
+            kq = fn(k, p) if name.endswith("then per token") else fn(k)
+            out = M.grouped_attention(q, kq, per_token(v), pre.obs.obs_pos, p)
+            errs.append(((out - ref).norm() / ref.norm()).item())
+        rows.append(dict(length=args.lengths[0], keys=name, mean_error=statistics.mean(errs), max_error=max(errs)))
+    return rows
+
+
+def kv_error_markdown(rows) -> str:
+    lines = ["| L | key scale (values per token) | attention error, mean over layers | max over layers |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['length']} | {r['keys']} | {100 * r['mean_error']:.2f}% | {100 * r['max_error']:.2f}% |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # Long answers: decoding with and without a cache limit
 
 @torch.no_grad()
@@ -505,6 +544,8 @@ def parse_args(argv=None):
                         "the lookahead methods (laq, laqpp) also with reuse of their pseudo tokens; 0: skip")
     p.add_argument("--verify-draft-lens", type=int, nargs="+", default=[], metavar="K",
                    help="with --e2e-tokens: also full-cache decoding and --verify full with these draft lengths")
+    p.add_argument("--kv-error", action="store_true",
+                   help="instead: the attention error of int8 K/V (--kv-bits 8) at --lengths[0], for three key scales")
     p.add_argument("--cache-limit", type=int, default=None,
                    help="long answers instead: --decode-tokens tokens with the cache growing and bounded by this limit "
                         "(prompt --lengths[0], budget --budgets[0], each --methods); only the limit table")
@@ -517,7 +558,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-OUTPUTS = ["bench.json", "bench.md", "peers.json", "peers.md", "limit.json", "limit.md"]
+OUTPUTS = ["bench.json", "bench.md", "peers.json", "peers.md", "limit.json", "limit.md", "kv_error.json", "kv_error.md"]
 SHORT = 256  # the full-cache reference prompt of the limit ratio
 
 
@@ -608,6 +649,8 @@ def main(args):
     for line in notes:
         cli.note("bench.py", line)
     cli.start_out(out, OUTPUTS)
+    if args.kv_error:
+        return write_table(out, args, "kv_error", kv_error_rows(model, tok, args, device), kv_error_markdown)
     if args.cache_limit is not None:
         return write_table(out, args, "limit", limit_rows(model, tok, args, device), limit_markdown)
     if args.peers:
