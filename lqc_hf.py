@@ -160,6 +160,15 @@ class LQCPress(_base_press()):
             ids = kwargs.get("input_ids", args[0] if args else None)
             if busy[0]:
                 return output  # our own lookahead
+            mask = kwargs.get("attention_mask")
+            if mask is not None and ids is not None and not bool(mask.all()):
+                # a left-padded batch: the press would score padding as prompt (say so, not evict wrongly)
+                raise ValueError("LQCPress compresses unpadded prompts: run each prompt of a padded batch alone, "
+                                 "or use lqc's own run_batch, which evicts each padded row as if alone")
+            if cache is not None and ids is not None and ids.shape[1] > 1 and self.last_indices is not None \
+                    and cache.get_seq_length() > ids.shape[1]:
+                raise ValueError("LQCPress saw a second prompt chunk after compressing the first: it compresses a "
+                                 "prompt prefilled in one forward (a chunked prefill would be evicted chunk by chunk)")
             if cache is None or ids is None or cache.get_seq_length() != ids.shape[1]:
                 for q in queries:  # not a prefill from an empty cache: a decoding step
                     q.clear()
@@ -173,6 +182,7 @@ class LQCPress(_base_press()):
                     q.clear()
             return output
 
+        self.last_indices = None  # set by the first prompt's compression in this context
         with capture_queries(model, keep) as queries:
             handle = model.model.register_forward_hook(after_prefill, with_kwargs=True)
             try:

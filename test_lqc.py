@@ -1261,6 +1261,29 @@ def test_decoding_after_compression_through_transformers_matches_lqc(hf_pair, me
     assert lqc_hf.greedy(hf, cache, logits, 80, 12) == want
 
 
+def test_press_refuses_padding_and_a_chunked_prefill_instead_of_evicting_wrongly(hf_pair):
+    import lqc_hf
+    from transformers import DynamicCache
+    hf, ours = hf_pair
+    ids = rand_ids(ours, 60, 7)
+    press = lqc_hf.LQCPress("snapkv", budget=16, options={"window": 8})
+    mask = torch.ones_like(ids)
+    mask[:, :5] = 0  # left padding
+    with pytest.raises(ValueError, match="unpadded prompts"), torch.no_grad(), press(hf):
+        hf.model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache())
+    cache = DynamicCache()
+    with pytest.raises(ValueError, match="second prompt chunk"), torch.no_grad(), press(hf):
+        hf.model(input_ids=ids[:, :30], past_key_values=cache)
+        assert press.last_indices is not None  # the first chunk was compressed as a whole prompt
+        hf.model(input_ids=ids[:, 30:], past_key_values=cache)
+    # a prompt in one forward, then decoding steps: still compressed once, no error
+    cache = DynamicCache()
+    with torch.no_grad(), press(hf):
+        hf.model(input_ids=ids, past_key_values=cache)
+        hf.model(input_ids=ids[:, -1:], past_key_values=cache)
+    assert cache.layers[0].keys.shape[2] == 17
+
+
 def test_adakv_through_transformers_says_it_cannot_be_ragged(hf_pair):
     import lqc_hf
     hf, ours = hf_pair
