@@ -620,7 +620,7 @@ def check_lengths(args, tok, context: int, notes: list):
     if args.peers:  # the peers evict to --peer-budget, below every length (check_peers)
         return
     if args.cache_limit is not None:  # the limit run: --budgets[0] at --lengths[0], decoding within the limit
-        cli.budget_note("limit", args.budgets[0], args.lengths[0], notes, cache_limit=args.cache_limit,
+        cli.budget_note(args.methods[0], args.budgets[0], args.lengths[0], notes, cache_limit=args.cache_limit,
                         max_new_tokens=args.decode_tokens)
         return
     cli.budgets_note(args.budgets, args.lengths, notes)

@@ -17,7 +17,6 @@ from steps import sync
 EVICT_EVERY = 32  # slots freed per decode-time eviction: eviction work stays a few % of decode (README)
 
 
-
 def check_limit(cfg: lqc.EvictConfig, cache_limit: int, evict_every: int, verify: str | None, draft: int = 0,
                 kv_bits: int | None = None):
     if cfg.method == "full":
@@ -48,8 +47,7 @@ class Evictor:
         self.cfg, self.limit, self.every, self.inner = cfg, limit, every, step
         if isinstance(cache, M.KVCache):
             cache.max_width = limit  # its appends allocate no room past the limit either
-        entry = lqc.METHODS[cfg.method]
-        self.needs_mass, self.needs_queries = entry.needs_mass, entry.needs_queries
+        self.needs_mass, self.needs_queries = cfg.entry.needs_mass, cfg.entry.needs_queries
         self.seconds, self.evictions = 0.0, 0
         self.mass = None
         self.queries = deque(maxlen=None if self.needs_mass else cfg.window)  # (per layer [B, H_q, 1, D], pos [B, 1])

@@ -279,8 +279,8 @@ class StaticKVCache(nn.Module):
         self.group, self.flex, self.dtype = group, flex, dtype  # dtype: what attention computes in
         # int8: K and V as `quantize` rows (D int8 codes + a float32 scale per entry); keys divided by
         # a per-channel scale first, set from the entries a row is packed with. Measured on 2k-token
-        # prompts (README): per-token key scales alone lose outlier channels (Qwen2.5: attention
-        # error up to 44% in a layer); per-channel then per-token keeps every layer within ~5%
+        # prompts (`bench.py --kv-error`, README): per-token key scales alone lose outlier channels
+        # (Qwen2.5: attention error up to 33% in a layer); per-channel then per-token keeps every layer within ~7%
         self.int8 = kv_bits == 8
         width, store = (head_dim + 4, torch.int8) if self.int8 else (head_dim, dtype)
         for l in range(n_layers):
@@ -560,7 +560,7 @@ class Transformer(nn.Module):
         """Compile the element-wise work around each layer's matmuls (RMSNorm, RoPE, SwiGLU, residuals)
         for prefill: one dynamic compilation serves every layer and prompt length (inductor caches
         it on disk). Attention itself stays the caches' (SDPA). Compiles at once, on an 8-token
-        chunk, and returns the seconds that took (cold: minutes on a CPU; warm: seconds)."""
+        chunk, and returns the seconds that took (7.5 s cold for SmolLM2 on this project's CPU)."""
         import time
         self.fused = (torch.compile(Block.qkv, dynamic=True), torch.compile(Block.mix, dynamic=True))
         w = self.tok_embeddings.weight

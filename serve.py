@@ -59,16 +59,17 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * UNITS[unit])
 
 
+def slot_cache(model, n_slots: int, capacity: int, kv_bits: int | None = None, device=None) -> M.StaticKVCache:
+    """The static cache of `n_slots` rows that a Server decodes over."""
+    a, w = model.args, model.tok_embeddings.weight
+    return M.StaticKVCache(a.n_layers, n_slots, a.n_kv_heads, capacity, a.head_dim, a.n_heads // a.n_kv_heads,
+                           w.dtype, w.device if device is None else device, flex=False, kv_bits=kv_bits)
+
+
 def slot_bytes(model, capacity: int, kv_bits: int | None = None) -> int:
-    """Bytes of one slot of the static cache: per layer and KV head, `capacity` entries of K and V in
-    the model's dtype and an int64 position each, plus an int64 length. int8 (kv_bits=8): D codes and
-    a float32 scale per entry for K and V, plus a float32 key scale per channel."""
-    a = model.args
-    if kv_bits == 8:
-        entry, fixed = 2 * (a.head_dim + 4) + 8, 8 + 4 * a.head_dim
-    else:
-        entry, fixed = 2 * a.head_dim * model.tok_embeddings.weight.element_size() + 8, 8
-    return a.n_layers * a.n_kv_heads * (capacity * entry + fixed)
+    """Bytes of one slot: the buffers of a one-row slot cache, built on the meta device (no memory),
+    so the count follows StaticKVCache's layout (K, V, positions, lengths; int8 codes and scales)."""
+    return sum(b.numel() * b.element_size() for b in slot_cache(model, 1, capacity, kv_bits, "meta").buffers())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +84,10 @@ class Request:
     max_new_tokens: int
     arrival: float = 0.0
     expected: tuple = ()  # generated requests: what the answer must contain (ruler.score)
+
+    def within(self, context: int) -> bool:
+        """Prompt and answer fit the model's context."""
+        return len(self.ids) + self.max_new_tokens <= context
 
     def holds(self, n_layers: int) -> int:
         """Cache entries per KV head the request needs: its kept prompt plus its answer."""
@@ -224,11 +229,10 @@ class Server:
     def __init__(self, model, tok, *, n_slots: int, capacity: int, prefill_chunk: int = 512,
                  sampling: Sampling = Sampling(), compile: bool = False, static: bool = False, ignore_eos: bool = False,
                  kv_bits: int | None = None):
-        a, device = model.args, model.tok_embeddings.weight.device
+        device = model.tok_embeddings.weight.device
         self.model, self.tok, self.chunk, self.sampling, self.static = model, tok, prefill_chunk, sampling, static
         self.ignore_eos = ignore_eos  # every request decodes max_new_tokens (a throughput benchmark's load)
-        self.cache = M.StaticKVCache(a.n_layers, n_slots, a.n_kv_heads, capacity, a.head_dim, a.n_heads // a.n_kv_heads,
-                                     model.tok_embeddings.weight.dtype, device, flex=False, kv_bits=kv_bits)
+        self.cache = slot_cache(model, n_slots, capacity, kv_bits)
         self.step = make_step(model, compile)
         self.slots: list[Active | None] = [None] * n_slots
         self.gen = sampling.generator(device)
@@ -243,7 +247,7 @@ class Server:
     def fits(self, req: Request) -> str | None:
         """Why the request can never be served here, or None."""
         ctx = self.model.args.max_seq_len
-        if len(req.ids) + req.max_new_tokens > ctx:
+        if not req.within(ctx):
             return (f"prompt ({len(req.ids)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
                     f"context of {ctx}")
         need = req.holds(self.model.args.n_layers)
@@ -361,7 +365,7 @@ def plan_slots(model, requests: list[Request], kv_memory: int, default: lqc.Evic
     plus max_new_tokens. Ada-KV's heads are cut to the budget in a slot (`Server.prefill_step`):
     its widest head depends on the prompt, a static slot cannot."""
     if default.method == "full":
-        capacity = max((len(r.ids) + r.max_new_tokens for r in requests), default=max_new_tokens)
+        capacity = max((r.holds(model.args.n_layers) for r in requests), default=max_new_tokens)
     else:
         capacity = default.entry.widest(default, model.args.n_layers) + max_new_tokens
     per_slot = slot_bytes(model, capacity, kv_bits)
@@ -370,8 +374,6 @@ def plan_slots(model, requests: list[Request], kv_memory: int, default: lqc.Evic
         raise BadInput(f"--kv-memory {kv_memory / 1e6:.1f} MB holds no slot: one slot of {capacity} entries takes "
                        f"{per_slot / 1e6:.1f} MB with this model; raise it, or lower --budget / --max-new-tokens")
     return int(slots), capacity
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +443,8 @@ def check_args(args, notes: list) -> lqc.EvictConfig:
     args.flags = {k: getattr(args, k) for k in ("method", "budget", "window", "window_laqpp", "lookahead", "max_new_tokens")}
     cfg = cli.evict_config(method=args.method, budget=args.budget, window=args.window, window_laqpp=args.window_laqpp,
                            lookahead=args.lookahead, notes=notes)
+    if args.bench:
+        check_bench(args)
     if args.requests is not None:
         args.out_path = Path(args.out)
         if args.out_path.is_dir():
@@ -476,20 +480,17 @@ def serve(args, cfg, model, tok):
     out, done = args.out_path, args.done
     requests, errors = read_requests(args.requests_text, tok, args.flags, args.chat)
     requests = [r for r in requests if r.line not in done]
-    ctx = model.args.max_seq_len
-    n_slots, capacity = plan_slots(model, [r for r in requests if len(r.ids) + r.max_new_tokens <= ctx], args.kv_bytes,
+    n_slots, capacity = plan_slots(model, [r for r in requests if r.within(model.args.max_seq_len)], args.kv_bytes,
                                    cfg, args.max_new_tokens, args.kv_bits)
     # no more slots than requests: a slot no request can take would cost a dummy row in every step
     server = Server(model, tok, n_slots=max(1, min(n_slots, len(requests))), capacity=capacity,
                     prefill_chunk=args.prefill_chunk, sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
                     compile=args.compile, static=args.static_batches, kv_bits=args.kv_bits)
-    for r in requests:
-        why = server.fits(r)
-        if why:
-            errors.append({"id": r.id, "line": r.line, "error": why})
+    refusals = {r.line: server.fits(r) for r in requests}
+    errors += [{"id": r.id, "line": r.line, "error": refusals[r.line]} for r in requests if refusals[r.line]]
     for e in sorted(errors, key=lambda e: e["line"]):
         cli.append_line(out, e)
-    ok = [r for r in requests if server.fits(r) is None]
+    ok = [r for r in requests if refusals[r.line] is None]
     cli.note("serve.py", f"{n_slots} slots of {capacity} entries per KV head ({n_slots * slot_bytes(model, capacity, args.kv_bits) / 1e6:.1f} "
                          f"MB of --kv-memory); {len(ok)} requests to serve, {len(errors)} refused, {len(done)} done before")
     finished = [0]
@@ -552,11 +553,12 @@ def bench_row(model, tok, requests, row: Row, args) -> dict:
     ttft = [rec["ttft_s"] for rec in records]
     acc = [ruler.score(rec["text"], expected[rec["id"]]) for rec in records]
     allocated = sum(b.untyped_storage().nbytes() for b in server.cache.buffers())
+    new_tokens = sum(r["new_tokens"] for r in records)
     return {"slots": n_slots, "capacity": capacity, "kv_MB": allocated / 1e6,
-            "served": len(records), "peak": server.peak, "tok_s": sum(r["new_tokens"] for r in records) / span,
+            "served": len(records), "peak": server.peak, "tok_s": new_tokens / span,
             "ttft_p50": percentile(ttft, 0.5), "ttft_p95": percentile(ttft, 0.95),
             "itl_p50": percentile(itl, 0.5), "itl_p95": percentile(itl, 0.95),
-            "decode_tok_s": sum(r["new_tokens"] for r in records) / server.decode_s if server.decode_s else float("nan"),
+            "decode_tok_s": new_tokens / server.decode_s if server.decode_s else float("nan"),
             "prefill_share": server.prefill_s / span, "evict_share": server.evict_s / span,
             "acc": statistics.mean(acc) if acc else float("nan"), "span_s": span}
 
@@ -598,27 +600,35 @@ def transformers_row(model, tok, requests, args) -> dict:
             "acc": statistics.mean(acc), "span_s": span}
 
 
-def bench(args, default, model, tok):
-    rows = [parse_row(r, args.flags) for r in args.rows]
+def check_bench(args):
+    """--bench's flags, before any model work."""
+    args.row_list = [parse_row(r, args.flags) for r in args.rows]
     cli.positive("--length", args.length)
     cli.positive("--requests-n", args.requests_n)
     if any(not (r > 0) for r in args.rates):
         raise BadInput("--rates must be > 0 requests per second (inf: all at once)")
+
+
+def bench(args, default, model, tok):
     out = Path(args.out) if args.out else None
+
+    def save():
+        if out:
+            # the flags as given (row_list holds their parsed Rows)
+            cli.write_json(out, {"args": {k: v for k, v in vars(args).items() if k != "row_list"}, "rows": results})
     print(f"serve.py --bench: {args.ckpt}, {args.requests_n} requests of ~{args.length} tokens, "
           f"--kv-memory {args.kv_memory}, answers up to {args.max_new_tokens} tokens\n")
     print("| rate/s | row | " + " | ".join(c for c, _ in COLUMNS) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))
     results = []
     for rate in args.rates:
-        for row in rows:
+        for row in args.row_list:
             reqs = suite_requests(tok, n=args.requests_n, length=args.length, rate=rate, default=row.cfg)
             reqs = [replace(r, max_new_tokens=args.max_new_tokens) for r in reqs]  # one load: every answer as long
             res = bench_row(model, tok, reqs, row, args)
             results.append({"rate": rate, "row": row.name, **res})
             print(f"| {rate:g} | {row.name} | " + " | ".join(f.format(res[c]) for c, f in COLUMNS) + " |", flush=True)
-            if out:
-                cli.write_json(out, {"args": {k: v for k, v in vars(args).items()}, "rows": results})
+            save()
     if args.peers:  # all at once, as the peer serves a batch: compare with the rows at rate inf
         reqs = [replace(r, max_new_tokens=args.max_new_tokens)
                 for r in suite_requests(tok, n=args.requests_n, length=args.length, rate=math.inf, default=default)]
@@ -626,8 +636,7 @@ def bench(args, default, model, tok):
         results.append({"rate": math.inf, "row": "transformers full (static batches)", **res})
         print(f"\ntransformers generate, full cache, left-padded batches of {res['slots']} (all at once): "
               f"{res['tok_s']:.1f} tok/s over {res['span_s']:.0f} s, acc {res['acc']:.2f}", flush=True)
-        if out:
-            cli.write_json(out, {"args": {k: v for k, v in vars(args).items()}, "rows": results})
+        save()
     return results
 
 

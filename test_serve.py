@@ -202,6 +202,16 @@ def test_cli_answers_refuses_bad_lines_and_resumes(tiny_ckpt, tmp_path):
     assert sum("text" in rec for rec in again) == 3
 
 
+def test_bench_runs_its_rows_and_writes_the_table(tiny_ckpt, tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_serve("--ckpt", tiny_ckpt, "--bench", "--length", "300", "--requests-n", "2", "--rates", "inf",
+                  "--rows", "full", "snapkv:16+int8", "--max-new-tokens", "3", "--kv-memory", "1MB", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["row"] for x in rows] == ["full", "snapkv 16 int8"] and all(x["served"] == 2 for x in rows)
+    assert "| inf | snapkv 16 int8 |" in r.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "give --requests"),
     (["--requests", "x.jsonl"], "needs --out"),
