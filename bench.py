@@ -36,12 +36,15 @@ if __name__ == "__main__":
 
 import torch
 
+import decoding as D
 import generate as G
 import lqc
+from cache_limit import EVICT_EVERY, check_limit
 from checkpoint import load
 from cli import BadInput
+from steps import flex_available, make_step, model_step, sync, to_static
 
-EVICT_METHODS = ("laq", "laqpp", "snapkv", "h2o")
+EVICT_METHODS = ("laq", "laqpp", "snapkv", "h2o")  # the default --methods: which to time (the paper's four), not a rule
 
 
 def peak_reset(device):
@@ -63,7 +66,7 @@ def peak_mb(device) -> float:
     return float("nan")
 
 
-sync = G.sync
+sync = sync
 
 
 def timed(fn, device):
@@ -146,13 +149,13 @@ def prompt_ids(tok, n: int, seed: int = 0) -> list[int]:
 
 
 @torch.no_grad()
-def limit_reference(model, tok, device) -> G.Prefill:
+def limit_reference(model, tok, device) -> D.Prefill:
     """The limit ratio's reference: a SHORT-token prompt with its full cache."""
-    return G.prefill(model, torch.tensor([prompt_ids(tok, SHORT)], device=device))
+    return D.prefill(model, torch.tensor([prompt_ids(tok, SHORT)], device=device))
 
 
 @torch.no_grad()
-def bench_length(model, tok, n, args, steps_fns, device, ref: G.Prefill | None = None) -> list[dict]:
+def bench_length(model, tok, n, args, steps_fns, device, ref: D.Prefill | None = None) -> list[dict]:
     """Prefill, eviction and decode rows of one prompt length. With `ref`, each budget-256 row's
     decode repetitions alternate with the reference's (the limit ratio), so drift of this shared
     machine cannot pass for a difference."""
@@ -163,17 +166,17 @@ def bench_length(model, tok, n, args, steps_fns, device, ref: G.Prefill | None =
     caches = {}
     for rep in range(args.reps):
         peak_reset(device)
-        pre, dt = timed(lambda: G.prefill(model, ids, chunk=args.prefill_chunk, keep_queries=window), device)
+        pre, dt = timed(lambda: D.prefill(model, ids, chunk=args.prefill_chunk, keep_queries=window), device)
         prefill_s.append(dt)
         peak_prefill = peak_mb(device)
         for m in args.methods:
             state = pre
             if lqc.METHODS[m].needs_mass:
-                mass = G.prefill(model, ids, chunk=args.prefill_chunk, h2o=True).obs.mass
-                state = G.Prefill(pre.cache, replace(pre.obs, mass=mass))
+                mass = D.prefill(model, ids, chunk=args.prefill_chunk, h2o=True).obs.mass
+                state = D.Prefill(pre.cache, replace(pre.obs, mass=mass))
             for b in args.budgets:
                 cfg = cli.evict_config(method=m, budget=b, window=args.window)
-                (cache, _), dt = timed(lambda: G.evict(cfg, model, state, eos_ids=tok.eos_ids), device)
+                (cache, _), dt = timed(lambda: D.evict(cfg, model, state, eos_ids=tok.eos_ids), device)
                 evict_s[m][b].append(dt)
                 if rep == 0 and m == args.methods[0]:
                     caches[b] = cache
@@ -191,7 +194,7 @@ def bench_length(model, tok, n, args, steps_fns, device, ref: G.Prefill | None =
         row["step_MB"] = step_bytes(model, caches[b]) / 2**20
         for name, (step, flex) in steps_fns.items():
             def speed(cache, logits, pos):
-                static = G.to_static(model, cache, args.steps + args.warmup, flex=flex)
+                static = to_static(model, cache, args.steps + args.warmup, flex=flex)
                 peak_reset(device)
                 return decode_tok_s(model, static, logits, pos, args.steps, args.warmup, step)
             speeds, ref_speeds = [], []
@@ -236,7 +239,7 @@ def bench_end_to_end(model, tok, n, args, device) -> list[dict]:
     ids, rows = prompt_ids(tok, n), []
 
     def run_fn(cfg, options):
-        return lambda: timed(lambda: G.run(model, ids, cfg, max_new_tokens=args.e2e_tokens, fast=True,
+        return lambda: timed(lambda: D.run(model, ids, cfg, max_new_tokens=args.e2e_tokens, fast=True,
                                            prefill_chunk=args.prefill_chunk, **options), device)
     plan = e2e_runs(args)
     key = lambda label, m, b: (label, None if m == "full" else b)  # the full cache's run does not depend on the budget
@@ -305,7 +308,7 @@ def kv_error_rows(model, tok, args, device) -> list[dict]:
         scale = x.abs().amax(-2, keepdim=True).clamp(min=1e-12) / 127
         return (x / scale).round().clamp(-127, 127) * scale
     ids = torch.tensor([prompt_ids(tok, args.lengths[0])], device=device)
-    pre = G.prefill(model, ids, keep_queries=16)
+    pre = D.prefill(model, ids, keep_queries=16)
     keys = {"per token": per_token, "per channel": per_channel,
             "per channel, then per token": lambda k, p: per_token(k / M.channel_scale(k, p)) * M.channel_scale(k, p)}
     rows = []
@@ -341,13 +344,13 @@ def limit_rows(model, tok, args, device) -> list[dict]:
     for method, limit in [(args.methods[0], None), *[(m, args.cache_limit) for m in args.methods]]:
         cfg = lqc.EvictConfig(method=method, budget=args.budgets[0], window=args.window)
         stamps, last = [], []
-        inner = G.model_step(model)
+        inner = model_step(model)
 
         def step(t, p, c):
             last[:] = [c]
             return inner(t, p, c)
         peak_reset(device)
-        _, stats = G.run_batch(model, [ids], cfg, max_new_tokens=n_new, eos_ids=(), fast=True, step=step, reuse=False,
+        _, stats = D.run_batch(model, [ids], cfg, max_new_tokens=n_new, eos_ids=(), fast=True, step=step, reuse=False,
                                on_token=lambda _: stamps.append(time.perf_counter()), cache_limit=limit,
                                evict_every=args.evict_every)
         k = min(64, len(stamps) // 2)
@@ -422,7 +425,7 @@ def lqc_run(model, ids: list[int], cfg: lqc.EvictConfig, n_new: int, fused=None)
         model.fused = fused
         t = time.perf_counter()
         try:
-            _, stats = G.run(model, ids, cfg, max_new_tokens=n_new, eos_ids=(),
+            _, stats = D.run(model, ids, cfg, max_new_tokens=n_new, eos_ids=(),
                              on_token=lambda out: stamps.append((time.perf_counter(), len(out))))
         finally:
             model.fused = None
@@ -550,7 +553,7 @@ def parse_args(argv=None):
                    help="long answers instead: --decode-tokens tokens with the cache growing and bounded by this limit "
                         "(prompt --lengths[0], budget --budgets[0], each --methods); only the limit table")
     p.add_argument("--decode-tokens", type=int, default=2048, help="new tokens per --cache-limit run")
-    p.add_argument("--evict-every", type=int, default=G.EVICT_EVERY, help="with --cache-limit: entries freed per eviction")
+    p.add_argument("--evict-every", type=int, default=EVICT_EVERY, help="with --cache-limit: entries freed per eviction")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     p.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md (new or empty)")
@@ -584,7 +587,7 @@ def check_args(args) -> list[str]:
     if args.cache_limit is not None:
         cli.at_least("--decode-tokens", args.decode_tokens, 2)
         for m in args.methods:
-            G.check_limit(lqc.EvictConfig(method=m, budget=args.budgets[0]), args.cache_limit, args.evict_every, None)
+            check_limit(lqc.EvictConfig(method=m, budget=args.budgets[0]), args.cache_limit, args.evict_every, None)
     notes = []
     cli.check_grid(args.methods, args.budgets, notes, window=args.window)
     return notes
@@ -656,10 +659,10 @@ def main(args):
     if args.peers:
         return write_table(out, args, "peers", peer_rows(model, tok, args, device, dtype),
                            lambda rows: peer_markdown(rows, args.peer_budget))
-    steps = {"eager": (G.make_step(model, compile=False), False)}
+    steps = {"eager": (make_step(model, compile=False), False)}
     if not args.no_compile:
-        flex = G.flex_available(device)
-        steps["compiled"] = (G.make_step(model, compile=True), flex)
+        flex = flex_available(device)
+        steps["compiled"] = (make_step(model, compile=True), flex)
     torch._dynamo.config.cache_size_limit = 64  # one graph per cache capacity
     args.limits = machine_limits(device, dtype)
     print(f"machine: torch.mm {args.limits['matmul_gflop_s']:.0f} GFLOP/s, copy {args.limits['copy_gb_s']:.1f} GB/s",

@@ -40,9 +40,10 @@ class Evictor:
     `window` decode queries (seeded with the last prompt queries), or, for H2O, the queries since
     their attention mass was last added to each entry's total (every `every` steps and before each
     eviction: exact, since no entry a query saw leaves the cache before its mass is counted).
-    A draft's tokens (LAQ's reuse) are fed in one forward without queries: they miss the ring."""
+    A draft's tokens (LAQ's reuse) are fed in one forward without queries: they miss the ring.
+    A server (serve.py) starts it with no prompt (`obs=None`) and seeds each slot's row with `admit`."""
 
-    def __init__(self, cfg: lqc.EvictConfig, cache, *, limit: int, every: int, step, obs: lqc.Observation,
+    def __init__(self, cfg: lqc.EvictConfig, cache, *, limit: int, every: int, step, obs: lqc.Observation | None,
                  prompt_pos: list | None = None):
         self.cfg, self.limit, self.every, self.inner = cfg, limit, every, step
         if isinstance(cache, M.KVCache):
@@ -51,6 +52,8 @@ class Evictor:
         self.seconds, self.evictions = 0.0, 0
         self.mass = None
         self.queries = deque(maxlen=None if self.needs_mass else cfg.window)  # (per layer [B, H_q, 1, D], pos [B, 1])
+        if obs is None:
+            return
         if self.needs_mass:  # the prompt queries' mass, moved to the decode cache's layout
             self.mass = [lqc.carry(m, p, c) for m, p, c in zip(obs.mass, prompt_pos, cache.pos)]
         elif self.needs_queries:
@@ -61,7 +64,7 @@ class Evictor:
         logits, q = self.inner(tokens, pos, cache)
         if self.needs_mass or self.needs_queries:
             self.queries.append((q, pos))  # fresh tensors: make_step copies them out of a CUDA graph
-        return logits
+        return logits, q
 
     def __call__(self, cache, n: int = 1):
         # [B]: a row is evicted when it is full, as alone (a finished row too: each round still
@@ -76,6 +79,33 @@ class Evictor:
                 self.evict(cache, self.limit - max(self.every, n), rows=None if full.all() else full)
             sync(cache.k[0].device)
             self.seconds += time.perf_counter() - t
+
+    def admit(self, row: int, cache, obs: lqc.Observation, prompt_pos: list):
+        """A new request in row `row` of `cache` (its prompt's cache already written there): its
+        state becomes what it would be alone (its prompt's mass, or its last `window` prompt
+        queries), and whatever the row's earlier occupant left is dropped. Queries at position -1
+        see nothing and add nothing (`lqc.attention_mass`), so they stand for "no query"."""
+        if self.needs_mass:
+            if self.mass is None:
+                self.mass = [p.new_zeros(p.shape, dtype=torch.float32) for p in cache.pos]
+            for m, pm, pp, p in zip(self.mass, obs.mass, prompt_pos, cache.pos):
+                m[row] = lqc.carry(pm, pp, p[row:row + 1])[0]
+            # queries not yet added to the mass: the earlier occupant's, none of this row's
+            self.queries = deque((q, pos.index_fill(0, torch.tensor([row], device=pos.device), -1))
+                                 for q, pos in self.queries)
+        elif self.needs_queries:
+            w, S = self.cfg.window, cache.k[0].shape[0]
+            if len(self.queries) < w:  # a fresh server: the ring padded to its length with "no query" in every row
+                none = ([q.new_zeros(S, q.shape[1], 1, q.shape[3]) for q in obs.obs_q], obs.obs_pos.new_full((S, 1), -1))
+                self.queries.extendleft([none] * (w - len(self.queries)))
+            n = obs.obs_pos.shape[1]  # the prompt's kept queries [1, H_q, n, D] per layer, at obs_pos [1, n]
+            for i, (q, pos) in enumerate(self.queries):  # oldest first: the last min(n, w) take the prompt's last queries
+                t = n - w + i  # the prompt query that lands in entry i (< 0: none)
+                q, pos = [l.clone() for l in q], pos.clone()
+                for l, pq in zip(q, obs.obs_q):
+                    l[row] = pq[0, :, t:t + 1] if t >= 0 else 0
+                pos[row] = obs.obs_pos[0, t] if t >= 0 else -1
+                self.queries[i] = (q, pos)
 
     def stacked_queries(self):
         """The kept queries per layer `[B, H_q, w, D]` and their positions `[B, w]`."""

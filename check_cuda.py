@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-import generate as G
+import decoding as D
 import lqc
-from checkpoint import load
 import model as M
+from checkpoint import load
+from steps import FastPath, make_step
 from tiny_models import hf_tiny, rand_ids, save_hf_dir
 
 NEW_TOKENS = 12
@@ -55,14 +56,14 @@ def small_cfg(method: str) -> lqc.EvictConfig:
 
 
 def tokens(model, ids: list[int], cfg: lqc.EvictConfig, **run_kw) -> list[int]:
-    return G.run(model, ids, cfg, max_new_tokens=NEW_TOKENS, eos_ids=(), **run_kw)[0]
+    return D.run(model, ids, cfg, max_new_tokens=NEW_TOKENS, eos_ids=(), **run_kw)[0]
 
 
 def kept(model, ids: list[int], cfg: lqc.EvictConfig) -> list[torch.Tensor]:
     """The kept indices per layer, on the CPU."""
     x = torch.tensor([ids], device=model.tok_embeddings.weight.device)
-    pre = G.prefill(model, x, keep_queries=cfg.obs_window, h2o=cfg.needs_mass)
-    return [i.cpu() for i in G.evict(cfg, model, pre)[1]]
+    pre = D.prefill(model, x, keep_queries=cfg.obs_window, h2o=cfg.needs_mass)
+    return [i.cpu() for i in D.evict(cfg, model, pre)[1]]
 
 
 def check_dense(env: Env):
@@ -77,11 +78,10 @@ def check_dense(env: Env):
 def check_flex(env: Env):
     """The fast path with FlexAttention block masks but an eager step: FlexAttention without compile."""
     cfg = small_cfg("adakv")  # ragged heads: the per-head lengths the BlockMask must honour
-    fp = G.FastPath(G.make_step(env.model, compile=False), NEW_TOKENS, flex=True)
-    pre = G.prefill(env.model, torch.tensor([env.ids], device=env.device), keep_queries=cfg.obs_window)
-    cache = fp.pack(env.model, G.evict(cfg, env.model, pre, fast=fp)[0])
-    got = G.decode(env.model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=NEW_TOKENS,
-                   step=lambda t, p, c: fp(t, p, c)[0])[0]
+    fp = FastPath(make_step(env.model, compile=False), NEW_TOKENS, flex=True)
+    pre = D.prefill(env.model, torch.tensor([env.ids], device=env.device), keep_queries=cfg.obs_window)
+    cache = fp.pack(env.model, D.evict(cfg, env.model, pre, fast=fp)[0])
+    got = D.decode(env.model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=NEW_TOKENS, step=fp)[0]
     return got == tokens(env.ref, env.ids, cfg), "adakv over StaticKVCache(flex=True)"
 
 
@@ -95,7 +95,7 @@ def check_compile(env: Env):
 def check_bf16(env: Env):
     cfg = small_cfg("laqpp")
     model, _ = load(str(env.path), env.device, torch.bfloat16)
-    finite = bool(G.prefill(model, torch.tensor([env.ids], device=env.device)).obs.logits.isfinite().all())
+    finite = bool(D.prefill(model, torch.tensor([env.ids], device=env.device)).obs.logits.isfinite().all())
     got, want = tokens(model, env.ids, cfg), tokens(env.ref, env.ids, cfg)
     same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
     return finite and len(got) == NEW_TOKENS, f"laqpp, finite logits; first {same}/{NEW_TOKENS} tokens as fp32's"
@@ -109,7 +109,7 @@ def check_lqc_hf(env: Env):
     device_map = "auto" if env.device.type == "cuda" else "cpu"
     hf = AutoModelForCausalLM.from_pretrained(env.path, dtype=torch.float32, device_map=device_map)
     cfg = small_cfg("laqpp")
-    want = G.run(env.ref, env.ids, cfg, max_new_tokens=NEW_TOKENS, eos_ids=(2,))[0]  # the model's EOS, as greedy's
+    want = D.run(env.ref, env.ids, cfg, max_new_tokens=NEW_TOKENS, eos_ids=(2,))[0]  # the model's EOS, as greedy's
     x = torch.tensor([env.ids], device=hf.device)
     cache, logits, _ = lqc_hf.compress(hf, x, "laqpp", cfg.budget, window=8, window_laqpp=4, lookahead=3)
     got = lqc_hf.greedy(hf, cache, logits, len(env.ids), NEW_TOKENS)

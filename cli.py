@@ -211,6 +211,7 @@ def evict_config(*, method: str, budget: int, window: int = 32, window_laqpp: in
     the prompt keeps: the windows are clamped to it, and the note names it."""
     import dataclasses
     import lqc  # torch: every caller has imported it by now; cli.py itself stays torch-free (quiet_ctrl_c)
+    positive("--cache-limit", cache_limit)  # the windows are clamped to it
     windows = dict(window=window, window_laqpp=window_laqpp)
     try:
         cfg = lqc.EvictConfig(method=method, budget=budget, lookahead=lookahead, kernel=kernel, pool=pool, **windows)

@@ -50,11 +50,15 @@ if __name__ == "__main__":
 
 import torch
 
+import decoding as D
 import generate as G
 import lqc
 import model as M
+from cache_limit import EVICT_EVERY, Evictor
 from checkpoint import load
 from cli import BadInput
+from speculative import DRAFT_LEN
+from steps import model_step, sync
 from tokenizer import format_chat
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +283,7 @@ def greedy_rows(model, cache, first_logits, last_tok: int, L: int, mode: str, n:
                        cache)[:, -1]
     else:
         cache, logits = cache.clone(), first_logits.expand(B, -1)
-    return G.decode(model, cache, logits, torch.full((B,), L, device=dev), max_new_tokens=n, eos_ids=eos_ids)
+    return D.decode(model, cache, logits, torch.full((B,), L, device=dev), max_new_tokens=n, eos_ids=eos_ids)
 
 
 def attention_recall(ref_mass: list[torch.Tensor], indices) -> float:
@@ -339,12 +343,12 @@ def query_window(args, methods) -> int:
     return max(lqc.EvictConfig(method=m, window=args.window, window_laqpp=args.window_laqpp).obs_window for m in methods)
 
 
-def with_h2o_mass(model, x, pre, methods, chunk) -> G.Prefill:
+def with_h2o_mass(model, x, pre, methods, chunk) -> D.Prefill:
     """pre, with the attention mass of every prompt query when a method needs it (H2O): it comes
     from a second, instrumented prefill (the first one stays as fast as generate.py's)."""
     if not needs_mass(methods):
         return pre
-    return G.Prefill(pre.cache, replace(pre.obs, mass=G.prefill(model, x, chunk=chunk, h2o=True).obs.mass))
+    return D.Prefill(pre.cache, replace(pre.obs, mass=D.prefill(model, x, chunk=chunk, h2o=True).obs.mass))
 
 
 @torch.no_grad()
@@ -360,8 +364,8 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
     L, dev = len(ids), model.tok_embeddings.weight.device
     x = torch.tensor([ids], device=dev)
     t0 = time.perf_counter()
-    pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=query_window(args, methods))
-    G.sync(dev)  # CUDA: the GPU's time, not the launches'
+    pre = D.prefill(model, x, chunk=args.prefill_chunk, keep_queries=query_window(args, methods))
+    sync(dev)  # CUDA: the GPU's time, not the launches'
     prefill_s = time.perf_counter() - t0
     pre = with_h2o_mass(model, x, pre, methods, args.prefill_chunk)
     last = ids[-1]
@@ -373,8 +377,8 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
         for budget in ([budgets[-1]] if method == "full" else budgets):
             cfg = evict_config(args, method, budget)
             t1 = time.perf_counter()
-            cache, indices = G.evict(cfg, model, pre, eos_ids=tok.eos_ids)
-            G.sync(dev)
+            cache, indices = D.evict(cfg, model, pre, eos_ids=tok.eos_ids)
+            sync(dev)
             evict_s = time.perf_counter() - t1
             out = greedy(model, cache, pre.obs.logits, last, L, args.first_token, args.agree_tokens, tok.eos_ids)
             text = tok.decode(out)
@@ -398,7 +402,7 @@ def evaluate_task(model, tok, task: Task, methods, budgets, args) -> list[dict]:
 def limited(model, cfg: lqc.EvictConfig, pre, cache, *, limit: int, every: int):
     """An `Evictor` that keeps `cache` (the prompt's, evicted to the limit) within the limit while
     decoding, as `generate.py --cache-limit` does."""
-    return G.Evictor(cfg, cache, limit=limit, every=every, step=G.model_step(model), obs=pre.obs, prompt_pos=pre.cache.pos)
+    return Evictor(cfg, cache, limit=limit, every=every, step=model_step(model), obs=pre.obs, prompt_pos=pre.cache.pos)
 
 
 def forced_limited_logits(cache, evictor, *, first_logits, tokens: list[int], next_pos: int) -> torch.Tensor:
@@ -408,7 +412,7 @@ def forced_limited_logits(cache, evictor, *, first_logits, tokens: list[int], ne
     dev, out = first_logits.device, [first_logits[0]]
     for i, t in enumerate(tokens[:-1]):
         evictor(cache, 1)
-        out.append(evictor.step(torch.tensor([[t]], device=dev), torch.tensor([[next_pos + i]], device=dev), cache)[0])
+        out.append(evictor.step(torch.tensor([[t]], device=dev), torch.tensor([[next_pos + i]], device=dev), cache)[0][0])
     return torch.stack(out)
 
 
@@ -429,12 +433,12 @@ def evaluate_long_answer(model, tok, task: Task, methods, limits, args) -> list[
     ids = task_prompt_ids(tok, task)
     L, dev = len(ids), model.tok_embeddings.weight.device
     x = torch.tensor([ids], device=dev)
-    pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=query_window(args, methods))
+    pre = D.prefill(model, x, chunk=args.prefill_chunk, keep_queries=query_window(args, methods))
     pre = with_h2o_mass(model, x, pre, methods, args.prefill_chunk)
     n, eos = args.answer_tokens, tok.eos_ids
     t0 = time.perf_counter()
-    full_out = G.decode(model, pre.cache.clone(), pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos)[0]
-    G.sync(dev)
+    full_out = D.decode(model, pre.cache.clone(), pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos)[0]
+    sync(dev)
     full_s = time.perf_counter() - t0
     forced = full_out or [eos[0]]  # teacher-forced: at least one token to predict
     full_tf = continuation_logits(model, pre.cache, pre.obs.logits, ids[-1], forced, L, "prefill")  # [n, V]
@@ -445,14 +449,14 @@ def evaluate_long_answer(model, tok, task: Task, methods, limits, args) -> list[
                 out, tf, evict_share = full_out, full_tf, 0.0
             else:
                 cfg = evict_config(args, method, limit)
-                prompt_cache, indices = G.evict(cfg, model, pre, eos_ids=eos)
+                prompt_cache, indices = D.evict(cfg, model, pre, eos_ids=eos)
                 # two runs from the same evicted prompt (nothing evicted: the prefill's own cache, kept for the next method)
                 cache = prompt_cache.clone()
                 evictor = limited(model, cfg, pre, cache, limit=limit, every=args.evict_every)
                 t0 = time.perf_counter()
-                out = G.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos,
+                out = D.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=n, eos_ids=eos,
                                step=evictor.step, evictor=evictor)[0]
-                G.sync(dev)
+                sync(dev)
                 evict_share = evictor.seconds / (time.perf_counter() - t0)
                 cache = prompt_cache if indices is not None else prompt_cache.clone()
                 evictor = limited(model, cfg, pre, cache, limit=limit, every=args.evict_every)
@@ -481,9 +485,9 @@ def evaluate_sample(model, tok, s: ruler.Sample, methods, budgets, args) -> list
     ids = task_prompt_ids(tok, s)
     L, dev, eos = len(ids), model.tok_embeddings.weight.device, tok.eos_ids
     t0 = time.perf_counter()
-    pre = G.prefill(model, torch.tensor([ids], device=dev), chunk=args.prefill_chunk, h2o=needs_mass(methods),
+    pre = D.prefill(model, torch.tensor([ids], device=dev), chunk=args.prefill_chunk, h2o=needs_mass(methods),
                     keep_queries=query_window(args, methods))
-    G.sync(dev)
+    sync(dev)
     prefill_s, last, mode = time.perf_counter() - t0, ids[-1], args.first_token
     full_out = greedy(model, pre.cache, pre.obs.logits, last, L, mode, s.max_new, eos)
     forced = full_out or [eos[0]]
@@ -498,8 +502,8 @@ def evaluate_sample(model, tok, s: ruler.Sample, methods, budgets, args) -> list
     caches, kept, seconds = [], [], []
     for m, b in grid:
         t1 = time.perf_counter()
-        cache, indices = G.evict(evict_config(args, m, b), model, pre, eos_ids=eos)
-        G.sync(dev)
+        cache, indices = D.evict(evict_config(args, m, b), model, pre, eos_ids=eos)
+        sync(dev)
         seconds.append(time.perf_counter() - t1)
         caches.append(cache)
         kept.append(indices)
@@ -842,9 +846,9 @@ def plot_kept(model, tok, task: Task, methods, budget, args, path: Path):
     methods = [m for m in methods if m != "full"]
     fig, axes = plt.subplots(len(methods), 1, figsize=(10, 0.6 + 1.6 * len(methods)), squeeze=False)
     for ax, m in zip(axes[:, 0], methods):
-        pre = G.prefill(model, x, chunk=args.prefill_chunk, keep_queries=query_window(args, [m]),
+        pre = D.prefill(model, x, chunk=args.prefill_chunk, keep_queries=query_window(args, [m]),
                         h2o=needs_mass([m]))
-        _, indices = G.evict(evict_config(args, m, budget), model, pre, eos_ids=tok.eos_ids)
+        _, indices = D.evict(evict_config(args, m, budget), model, pre, eos_ids=tok.eos_ids)
         rows = torch.zeros(len(indices) * indices[0].shape[1], L)
         for l, idx in enumerate(indices):
             for h in range(idx.shape[1]):
@@ -898,10 +902,10 @@ def parse_args(argv=None):
     p.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared with the full cache's")
     p.add_argument("--answer-tokens", type=int, default=704,
                    help=f"--tasks {LONG_ANSWER}: tokens of the long answer (its --budgets are cache limits)")
-    p.add_argument("--evict-every", type=int, default=G.EVICT_EVERY,
+    p.add_argument("--evict-every", type=int, default=EVICT_EVERY,
                    help=f"--tasks {LONG_ANSWER}: entries freed per decode-time eviction")
     p.add_argument("--recall-queries", type=int, default=16, help="decode queries whose attention defines recall")
-    p.add_argument("--draft-len", type=int, default=G.DRAFT_LEN,
+    p.add_argument("--draft-len", type=int, default=DRAFT_LEN,
                    help="draft tokens per round for the verify-mode acceptance rate (the compacted cache drafts)")
     p.add_argument("--window", type=int, default=32, help="observation window (SnapKV family, LAQ's copy) / recent window (H2O)")
     p.add_argument("--window-laqpp", type=int, default=8, help="prompt-suffix queries of LAQ++")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import lqc
-from lqc_modules import generate as G, model as M  # lqc's own files, without taking the names from your code
+from lqc_modules import decoding as D, model as M  # lqc's own files, without taking the names from your code
 
 
 def attention_modules(model) -> list:
@@ -115,11 +115,11 @@ def compress(model, input_ids: torch.Tensor, method: str, budget: int, **options
 @torch.no_grad()
 def greedy(model, cache, logits, start: int, max_new_tokens: int) -> list[int]:
     """Greedy decoding with transformers from a (compressed) cache, tokens at positions start, start+1, ...
-    generate.decode's loop, with a transformers forward as its step."""
+    decoding.decode's loop, with a transformers forward as its step."""
     def step(tokens, pos, dyn):
-        return model(input_ids=tokens, position_ids=pos, past_key_values=dyn).logits[:, -1].float()
+        return model(input_ids=tokens, position_ids=pos, past_key_values=dyn).logits[:, -1].float(), None
     start_pos = torch.tensor([start], device=logits.device)
-    return G.decode(model, cache, logits, start_pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids(model), step=step)[0]
+    return D.decode(model, cache, logits, start_pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids(model), step=step)[0]
 
 
 def _base_press():

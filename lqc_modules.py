@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 FLAT = ("cli", "model", "tokenizer", "checkpoint", "fetch", "gguf_file", "ruler", "sampling", "speculative", "steps",
-        "cache_limit", "generate", "eval", "bench")
+        "cache_limit", "decoding", "generate", "eval", "bench")
 HERE = Path(__file__).resolve().parent
 FOLDER = HERE if (HERE / "generate.py").is_file() else HERE / "_lqc"  # the clone (or editable install) / a wheel
 

@@ -38,14 +38,16 @@ if __name__ == "__main__":
 
 import torch
 
+import decoding as D
 import generate as G
 import lqc
 import model as M
 import ruler
 from checkpoint import load
+from cache_limit import EVICT_EVERY, Evictor, check_limit
 from cli import BadInput
 from sampling import Sampling, sample
-from steps import make_step
+from steps import make_step, sync
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -156,7 +158,7 @@ def parse_request(line: str, n: int, tok, flags: dict, chat: bool) -> Request:
     # the window rule as on the command line, from the flags as given: a window above the request's
     # budget is clamped to it
     cfg = cli.evict_config(method=method, budget=budget, window=flags["window"], window_laqpp=flags["window_laqpp"],
-                           lookahead=flags["lookahead"])
+                           lookahead=flags["lookahead"], cache_limit=flags.get("cache_limit"))
     try:
         ids = tok.prompt_ids(text, chat=chat and tok.chat_format is not None, system=system)
     except cli.CheckpointError as e:  # a token id past the model's embeddings
@@ -224,16 +226,22 @@ class Clock:
 
 class Server:
     """Slots of one StaticKVCache `[n_slots, H_kv, capacity, D]` per layer; see the module docstring.
-    `static=True`: a new batch is admitted only when every slot is free (padded static batches)."""
+    `static=True`: a new batch is admitted only when every slot is free (padded static batches).
+    `limit_cfg`: a cache limit of `capacity` entries (`--cache-limit`): each slot evicts on its own
+    once full, by limit_cfg's decode-time rule (`cache_limit.Evictor`), as the request would alone."""
 
     def __init__(self, model, tok, *, n_slots: int, capacity: int, prefill_chunk: int = 512,
                  sampling: Sampling = Sampling(), compile: bool = False, static: bool = False, ignore_eos: bool = False,
-                 kv_bits: int | None = None):
+                 kv_bits: int | None = None, limit_cfg: lqc.EvictConfig | None = None, evict_every: int = EVICT_EVERY):
         device = model.tok_embeddings.weight.device
         self.model, self.tok, self.chunk, self.sampling, self.static = model, tok, prefill_chunk, sampling, static
         self.ignore_eos = ignore_eos  # every request decodes max_new_tokens (a throughput benchmark's load)
         self.cache = slot_cache(model, n_slots, capacity, kv_bits)
         self.step = make_step(model, compile)
+        self.evictor = None
+        if limit_cfg is not None:
+            self.evictor = Evictor(limit_cfg, self.cache, limit=capacity, every=evict_every, step=self.step, obs=None)
+            self.step = self.evictor.step  # keeps the queries the rule reads
         self.slots: list[Active | None] = [None] * n_slots
         self.gen = sampling.generator(device)
         self.device = device
@@ -250,6 +258,13 @@ class Server:
         if not req.within(ctx):
             return (f"prompt ({len(req.ids)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
                     f"context of {ctx}")
+        if self.evictor is not None:  # a slot evicts while decoding: any request fits, if the rule is the slots'
+            rule = self.evictor.cfg
+            if (req.cfg.method, req.cfg.window) != (rule.method, rule.window):
+                return (f"method {req.cfg.method!r} (window {req.cfg.window}): with --cache-limit every slot evicts while "
+                        f"decoding by one rule, --method {rule.method} with window {rule.window}; drop the request's "
+                        "'method' or raise its 'budget' to the window, or serve it in another run")
+            return None
         need = req.holds(self.model.args.n_layers)
         if need > self.capacity:
             return (f"the request keeps {need} entries per KV head (its kept prompt + max_new_tokens) and a slot holds "
@@ -285,7 +300,7 @@ class Server:
 
     def start_prefill(self, req: Request):
         ids = torch.tensor([req.ids], device=self.device)
-        return G.prefill_chunks(self.model, ids, chunk=self.chunk, keep_queries=req.cfg.obs_window,
+        return D.prefill_chunks(self.model, ids, chunk=self.chunk, keep_queries=req.cfg.obs_window,
                                 h2o=req.cfg.needs_mass)
 
     def prefill_step(self, job, clock: Clock, on_done):
@@ -294,19 +309,23 @@ class Server:
         t = time.perf_counter()
         try:
             next(chunks)
-            G.sync(self.device)  # on CUDA, the chunk's time is the GPU's, not its launches'
+            sync(self.device)  # on CUDA, the chunk's time is the GPU's, not its launches'
             self.prefill_s += time.perf_counter() - t
             return job
         except StopIteration as done:
             pre = done.value
-        G.sync(self.device)
+        sync(self.device)
         self.prefill_s += time.perf_counter() - t
         t = time.perf_counter()
-        # PyramidKV / Ada-KV: no layer or head keeps more than the slot holds besides the answer
-        cfg = replace(req.cfg, cap=max(self.capacity - req.max_new_tokens, req.cfg.budget))
-        cache, _ = G.evict(cfg, self.model, pre, eos_ids=self.tok.eos_ids)
+        if self.evictor is None:  # PyramidKV / Ada-KV: no layer or head keeps more than the slot holds besides the answer
+            cfg = replace(req.cfg, cap=max(self.capacity - req.max_new_tokens, req.cfg.budget))
+        else:  # the prompt keeps at most the limit, as generate.py --cache-limit does
+            cfg = replace(req.cfg, budget=min(req.cfg.budget, self.capacity), cap=self.capacity)
+        cache, _ = D.evict(cfg, self.model, pre, eos_ids=self.tok.eos_ids)
         self.cache.load(slot, cache)
-        G.sync(self.device)
+        if self.evictor is not None:
+            self.evictor.admit(slot, self.cache, pre.obs, pre.cache.pos)
+        sync(self.device)
         self.evict_s += time.perf_counter() - t
         first = int(sample(pre.obs.logits, self.sampling, self.gen)[0])
         act = Active(req, int(pre.obs.next_pos[0]), first, times=[clock.now()])
@@ -328,6 +347,10 @@ class Server:
         """One token for every active slot, in one batched step; free slots feed a dummy token at
         position 0 that is dropped at once."""
         t = time.perf_counter()
+        if self.evictor is not None:  # a full slot makes room for this step's entry (each slot as alone)
+            self.evictor(self.cache, 1)
+            self.evict_s += time.perf_counter() - t
+            t = time.perf_counter()
         active = torch.tensor([s is not None for s in self.slots], device=self.device)
         tokens = torch.tensor([[s.token if s else 0] for s in self.slots], device=self.device)  # [S, 1]
         pos = torch.tensor([[s.pos if s else 0] for s in self.slots], device=self.device)  # [S, 1]
@@ -359,12 +382,14 @@ class Server:
 
 
 def plan_slots(model, requests: list[Request], kv_memory: int, default: lqc.EvictConfig, max_new_tokens: int,
-               kv_bits: int | None = None) -> tuple:
+               kv_bits: int | None = None, cache_limit: int | None = None) -> tuple:
     """(slots that fit, capacity): a slot holds what the default policy keeps plus an answer: the
     longest request for the full cache; when evicting, the budget (PyramidKV: its widest layer)
-    plus max_new_tokens. Ada-KV's heads are cut to the budget in a slot (`Server.prefill_step`):
-    its widest head depends on the prompt, a static slot cannot."""
-    if default.method == "full":
+    plus max_new_tokens; with a cache limit, the limit. Ada-KV's heads are cut to the budget in a
+    slot (`Server.prefill_step`): its widest head depends on the prompt, a static slot cannot."""
+    if cache_limit is not None:
+        capacity = cache_limit
+    elif default.method == "full":
         capacity = max((r.holds(model.args.n_layers) for r in requests), default=max_new_tokens)
     else:
         capacity = default.entry.widest(default, model.args.n_layers) + max_new_tokens
@@ -403,6 +428,11 @@ def parse_args(argv=None):
                    help="wrap prompts in the checkpoint's chat format (when it has one)")
     p.add_argument("--kv-bits", type=int, default=None, choices=[8],
                    help="8: int8 K/V entries in the slots (as generate.py --kv-bits 8): about 3.8x the slots of float32")
+    p.add_argument("--cache-limit", type=int, default=None,
+                   help="bounded slots: a slot holds this many entries per KV head, and a request evicts while decoding "
+                        "once its slot is full (--method's rule, as generate.py --cache-limit); not with --bench")
+    p.add_argument("--evict-every", type=int, default=EVICT_EVERY,
+                   help="with --cache-limit: entries freed per decode-time eviction")
     p.add_argument("--compile", action="store_true", help="torch.compile the batched decode step (one shape: no recompiles)")
     p.add_argument("--static-batches", action="store_true",
                    help="admit a new batch only when every slot is free (the padded static batching baseline)")
@@ -440,9 +470,16 @@ def check_args(args, notes: list) -> lqc.EvictConfig:
     args.kv_bytes = parse_size(args.kv_memory)
     if args.peers and importlib.util.find_spec("transformers") is None:
         raise BadInput("--peers needs transformers: pip install -r requirements-hf.txt")
-    args.flags = {k: getattr(args, k) for k in ("method", "budget", "window", "window_laqpp", "lookahead", "max_new_tokens")}
+    args.flags = {k: getattr(args, k) for k in ("method", "budget", "window", "window_laqpp", "lookahead", "max_new_tokens",
+                                              "cache_limit")}
+    cli.positive("--evict-every", args.evict_every)  # checked with or without --cache-limit, as in generate.py
+    cli.positive("--cache-limit", args.cache_limit)
     cfg = cli.evict_config(method=args.method, budget=args.budget, window=args.window, window_laqpp=args.window_laqpp,
-                           lookahead=args.lookahead, notes=notes)
+                           lookahead=args.lookahead, notes=notes, cache_limit=args.cache_limit)
+    if args.cache_limit is not None:
+        if args.bench:
+            raise BadInput("--cache-limit applies to --requests: --bench rows size their slots by method and budget")
+        check_limit(cfg, args.cache_limit, args.evict_every, None, kv_bits=args.kv_bits)
     if args.bench:
         check_bench(args)
     if args.requests is not None:
@@ -481,11 +518,12 @@ def serve(args, cfg, model, tok):
     requests, errors = read_requests(args.requests_text, tok, args.flags, args.chat)
     requests = [r for r in requests if r.line not in done]
     n_slots, capacity = plan_slots(model, [r for r in requests if r.within(model.args.max_seq_len)], args.kv_bytes,
-                                   cfg, args.max_new_tokens, args.kv_bits)
+                                   cfg, args.max_new_tokens, args.kv_bits, args.cache_limit)
     # no more slots than requests: a slot no request can take would cost a dummy row in every step
     server = Server(model, tok, n_slots=max(1, min(n_slots, len(requests))), capacity=capacity,
                     prefill_chunk=args.prefill_chunk, sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
-                    compile=args.compile, static=args.static_batches, kv_bits=args.kv_bits)
+                    compile=args.compile, static=args.static_batches, kv_bits=args.kv_bits,
+                    limit_cfg=cfg if args.cache_limit is not None else None, evict_every=args.evict_every)
     refusals = {r.line: server.fits(r) for r in requests}
     errors += [{"id": r.id, "line": r.line, "error": refusals[r.line]} for r in requests if refusals[r.line]]
     for e in sorted(errors, key=lambda e: e["line"]):
@@ -585,7 +623,7 @@ def transformers_row(model, tok, requests, args) -> dict:
     t0, texts, first = time.perf_counter(), {}, []
     for i in range(0, len(requests), n_slots):
         batch = requests[i:i + n_slots]
-        x, pad = G.left_pad([r.ids for r in batch], device)
+        x, pad = D.left_pad([r.ids for r in batch], device)
         mask = (torch.arange(x.shape[1], device=device)[None] >= pad[:, None]).long()
         out = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                           min_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)

@@ -1,6 +1,6 @@
 """Speculative decoding: the drafts a decoding round checks. Reuse (LAQ's pseudo tokens as the
 first round's draft) and verify mode (the compacted cache drafts, the full cache checks: lossless).
-The rule that accepts or rejects a draft is `sampling.accept`; the loop is `generate.decode`."""
+The rule that accepts or rejects a draft is `sampling.accept`; the loop is `decoding.decode`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,18 +45,18 @@ class CacheDraft(Draft):
     full cache to check. It is fed the pending token and every draft token, and rewound with the
     full cache, so both always hold the same tokens."""
     cache: object
-    step: object  # step(tokens [B, 1], pos [B, 1], cache) -> logits [B, V]
+    step: object  # the decode step (steps.py): tokens, pos [B, 1], cache -> (logits [B, V], queries)
     k: int
     sampling: Sampling
 
     def propose(self, pending, logits, pos, n, gen=None):
-        z = logits if pending is None else self.step(pending[:, None], (pos - 1)[:, None], self.cache)  # [B, V]
+        z = logits if pending is None else self.step(pending[:, None], (pos - 1)[:, None], self.cache)[0]  # [B, V]
         tokens, q = [], []
         for j in range(min(self.k, n)):
             tokens.append(sample(z, self.sampling, gen))
             if self.sampling.temperature > 0:
                 q.append(probs(z, self.sampling))
-            z = self.step(tokens[-1][:, None], (pos + j)[:, None], self.cache)
+            z = self.step(tokens[-1][:, None], (pos + j)[:, None], self.cache)[0]
         if not tokens:
             return pos.new_zeros(pos.shape[0], 0), None
         return torch.stack(tokens, 1), torch.stack(q, 1) if q else None

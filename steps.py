@@ -1,10 +1,13 @@
 """Single-token decode steps: the readable one, the fast path over static caches (compiled on
-request, CUDA graphs on CUDA), and the device helpers they need. A step takes tokens and positions
-`[B, 1]` and a cache it grows; `model_step` returns (logits `[B, V]`, queries per layer)."""
+request, CUDA graphs on CUDA), and the device helpers they need. Every step in lqc has one
+signature, `model_step`'s: step(tokens, pos `[B, 1]`, cache it grows) -> (logits `[B, V]`, queries
+per layer); decoding, speculative drafts, the cache limit's evictor and LAQ's lookahead (with its
+cache bound: `query_step`) all call the same kind of function."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -54,13 +57,6 @@ def to_static(model, cache, extra: int, flex: bool, capacity: int | None = None,
                                       capacity=capacity, kv_bits=kv_bits)
 
 
-def plain_step(model):
-    """The readable single-token step: tokens, pos `[B, 1]`, cache -> logits `[B, V]` (`model_step`'s
-    logits: one forward rule for decoding, the lookahead and the compiled step)."""
-    step = model_step(model)
-    return lambda tokens, pos, cache: step(tokens, pos, cache)[0]
-
-
 def model_step(model):
     """One decode step: tokens, pos `[B, 1]` and a cache it grows -> (logits `[B, V]`, post-RoPE
     queries per layer `[B, H_q, 1, D]`). The queries cost nothing extra and let one (compiled)
@@ -72,9 +68,8 @@ def model_step(model):
 
 
 def query_step(model, cache):
-    """LAQ's lookahead step over the readable `cache`, which it grows (see `lqc.lookahead`)."""
-    step = model_step(model)
-    return lambda tokens, pos: step(tokens, pos, cache)
+    """LAQ's lookahead step (see `lqc.lookahead`): `model_step` with its cache bound, which it grows."""
+    return partial(model_step(model), cache=cache)
 
 
 @dataclass

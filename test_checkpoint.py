@@ -63,13 +63,14 @@ def edit_safetensors(path: Path, changes: dict) -> None:
     from safetensors.torch import load_file, save_file
     state = load_file(str(path))
     for k, v in changes.items():
-        state.pop(k)
+        state.pop(k, None)  # a new name is added
         if v is not DROP:
             state[k] = v
     save_file(state, str(path))
 
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
+X = "model.layers.0.mlp.extra.weight"  # a tensor no model has
 
 
 def hf_case(fn, src="hf"):
@@ -220,6 +221,7 @@ CORPUS = [
     ("weights-inf", weight(INF), ["model.layers.0.self_attn.q_proj.weight", "Inf"]),
     ("weights-wrong-shape", weight(torch.zeros(5, 64)), ["model.layers.0.self_attn.q_proj.weight", "(5, 64)"]),
     ("weights-missing", weight(DROP), ["model.layers.0.self_attn.q_proj.weight", "missing"]),
+    ("weights-unexpected", hf_case(lambda d: edit_safetensors(d / "model.safetensors", {X: torch.zeros(2)})), ["unexpected", X]),
     ("safetensors-truncated", file_case("model.safetensors", lambda b: b[: len(b) // 2]), ["model.safetensors", "truncated"]),
     ("safetensors-empty", file_case("model.safetensors", lambda b: b""), ["model.safetensors"]),
     ("safetensors-garbage", file_case("model.safetensors", lambda b: b"\x10" * 8 + b"{not a header" * 3), ["model.safetensors"]),

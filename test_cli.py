@@ -24,6 +24,7 @@ import torch
 import bench as B
 import cli
 import eval as E
+import decoding as D
 import generate as G
 from test_lqc import ROOT, TEXT, save_hf_dir, tiny
 
@@ -158,6 +159,7 @@ BEFORE_MODEL = [
     ("generate.py", ["--device", "toaster"], "unknown device"),
     ("generate.py", ["--device", "meta"], "cannot run lqc"),
     ("generate.py", ["--method", "magic"], "invalid choice"),
+    ("generate.py", ["--dtype", "float8"], "invalid choice"),
     ("generate.py", ["--budget", "x"], "invalid int"),
     ("generate.py", ["--temperature", "warm"], "invalid float"),
     ("generate.py", ["--prompt", "a", "--prompt-file", "b"], "not allowed with argument"),
@@ -219,6 +221,7 @@ BEFORE_MODEL = [
 
 AFTER_TOKENIZER = [  # need the prompt's tokens or the model's context: checked after loading, before prefill
     ("generate.py", ["--ckpt", "/nonexistent/model.gguf"], "not found"),
+    ("generate.py", ["--ckpt", "nosuchalias"], "not found"),
     ("generate.py", ["--prompt", "zebra " * 1100], "exceeds the model's context"),
     ("generate.py", ["--max-new-tokens", "2000"], "--max-new-tokens (2000) exceeds the model's context of 1024"),
     ("generate.py", ["--method", "laq", "--budget", "2", "--lookahead", "3000"], "--lookahead (3000) exceeds"),
@@ -383,8 +386,8 @@ def test_window_clamp_matches_the_unclamped_policy(ckpt):
         kept = []
         for cfg in (lqc.EvictConfig(method=method, budget=6, window=20, window_laqpp=10, lookahead=3),
                     cli.evict_config(method=method, budget=6, window=20, window_laqpp=10, lookahead=3)):
-            pre = G.prefill(model, ids, chunk=16, keep_queries=cfg.obs_window, h2o=lqc.METHODS[method].needs_mass)
-            cache, _ = G.evict(cfg, model, pre)
+            pre = D.prefill(model, ids, chunk=16, keep_queries=cfg.obs_window, h2o=lqc.METHODS[method].needs_mass)
+            cache, _ = D.evict(cfg, model, pre)
             kept.append([p[p >= 0].tolist() for p in cache.pos])
         assert kept[0] == kept[1], method
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import checkpoint as C
-import generate as G
+import decoding as D
 import lqc
 from test_checkpoint import edit_gguf
 from test_lqc import add_gguf_tokenizer, rand_ids, run_cli, small_cfg, train_bpe_tokenizer
@@ -106,7 +106,7 @@ def test_greedy_tokens_match_transformers(family):
     _, _, hf, _, ours, _ = family
     ids = rand_ids(ours, 40, 2)
     want = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 40:].tolist()
-    got, _ = G.run(ours, ids[0].tolist(), lqc.EvictConfig(method="full"), max_new_tokens=16, eos_ids=())
+    got, _ = D.run(ours, ids[0].tolist(), lqc.EvictConfig(method="full"), max_new_tokens=16, eos_ids=())
     assert got == want
 
 
@@ -119,10 +119,10 @@ def test_same_kept_indices_and_tokens_through_lqc_hf(family, method):
     opts = {"window": 8, "window_laqpp": 4, "lookahead": 3}
     cfg = small_cfg(method, budget)
     assert {k: getattr(cfg, k) for k in opts} == opts
-    _, want = G.evict(cfg, ours, G.prefill(ours, ids, keep_queries=cfg.obs_window), eos_ids=(2,))
+    _, want = D.evict(cfg, ours, D.prefill(ours, ids, keep_queries=cfg.obs_window), eos_ids=(2,))
     cache, logits, got = lqc_hf.compress(hf, ids, method, budget, **opts)
     assert all(torch.equal(a, b) for a, b in zip(want, got))
-    tokens, _ = G.run(ours, ids[0].tolist(), lqc.EvictConfig(method=method, budget=budget, **opts), max_new_tokens=8,
+    tokens, _ = D.run(ours, ids[0].tolist(), lqc.EvictConfig(method=method, budget=budget, **opts), max_new_tokens=8,
                       eos_ids=(2,))
     assert lqc_hf.greedy(hf, cache, logits, L, 8) == tokens
 

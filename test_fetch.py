@@ -170,7 +170,7 @@ def test_real_model_loads_and_answers():
     model, tok = load("qwen0.5b")
     assert model.args.n_layers == 24 and model.args.n_kv_heads == 2 and model.args.max_seq_len == 32768
     ids = tok.prompt_ids("What is 2+2? Answer with one number.", chat=True)
-    import generate as G
-    pre = G.prefill(model, torch.tensor([ids]))
+    import decoding as D
+    pre = D.prefill(model, torch.tensor([ids]))
     logits = pre.obs.logits[:, None]
     assert tok.decode([int(logits[0, -1].argmax())]).strip() == "4"

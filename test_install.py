@@ -20,10 +20,10 @@ SCRIPTS = ("lqc-generate", "lqc-eval", "lqc-bench")
 # From a user's folder holding its own model.py and eval.py: ours must neither shadow nor use them.
 USER_CHECK = """
 import lqc, lqc_hf, model, eval
-from lqc_modules import generate, checkpoint, steps
+from lqc_modules import decoding, generate, checkpoint, steps
 assert model.WHO == "user" and eval.WHO == "user", "lqc shadowed a user's module"
 assert steps.M is not model and hasattr(steps.M, "Transformer"), "lqc picked up the user's model.py"
-assert lqc_hf.G is generate
+assert lqc_hf.D is decoding and generate.run is decoding.run
 print("ok", generate.__file__)
 """
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, example, given, settings, strategies as st
 
-import generate as G
-import lqc
 import checkpoint as C
+import decoding as D
+import lqc
 import model as M
-import tokenizer as T
 import tiny_models
+import tokenizer as T
+from steps import FastPath, make_step, model_step, query_step
 from tiny_models import TEXT, rand_ids, save_hf_dir, tiny, train_bpe_tokenizer, train_spm  # re-exported to the other tests
 
 ROOT = Path(__file__).parent
@@ -116,7 +117,7 @@ def test_incremental_decode_equals_full_forward(L, n_new, group, chunk):
     model = tiny(*group)
     ids = torch.randint(0, model.args.vocab_size, (1, L + n_new), generator=torch.Generator().manual_seed(L))
     full = forward_all(model, ids)  # [1, L + n_new, V]
-    pre = G.prefill(model, ids[:, :L], chunk=chunk)
+    pre = D.prefill(model, ids[:, :L], chunk=chunk)
     torch.testing.assert_close(pre.obs.logits, full[:, L - 1], atol=1e-5, rtol=1e-5)
     for i in range(n_new):
         step = model(ids[:, L + i:L + i + 1], torch.tensor([[L + i]]), pre.cache)[:, -1]
@@ -158,36 +159,6 @@ def test_hf_dir_round_trip(tmp_path, shards, tokenizer):
     assert ids.shape[1] > 3
     torch.testing.assert_close(forward_all(loaded, ids), forward_all(model, ids), atol=0, rtol=0)
     assert tok.decode(ids[0].tolist()).strip() == "How vexingly quick daft zebras jump!"
-
-
-def test_strict_loading_names_the_offending_tensor(tmp_path):
-    from safetensors.torch import load_file, save_file
-    path = save_hf_dir(tiny(), tmp_path / "ckpt")
-    state = load_file(str(path / "model.safetensors"))
-    bad = dict(state, **{"model.layers.0.mlp.extra.weight": torch.zeros(2)})
-    save_file(bad, str(path / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match="model.layers.0.mlp.extra.weight"):
-        C.load(str(path))
-    del bad["model.layers.0.mlp.extra.weight"], bad["model.layers.1.self_attn.k_proj.weight"]
-    save_file(bad, str(path / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match="model.layers.1.self_attn.k_proj.weight"):
-        C.load(str(path))
-    bad["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(5, 64)
-    save_file(bad, str(path / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match=r"k_proj.weight has shape \(5, 64\)"):
-        C.load(str(path))
-
-
-def test_unsupported_architecture_is_refused():
-    with pytest.raises(M.CheckpointError, match="model_type='gpt2'"):
-        C.args_from_hf_config({"model_type": "gpt2"})
-    cfg = json.loads(json.dumps(dict(model_type="mistral", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, vocab_size=320, sliding_window=4096,
-                                     max_position_embeddings=32768)))
-    # a sliding window is never ignored: the context is limited to it, where it equals full attention
-    assert C.args_from_hf_config(cfg).max_seq_len == 4096
-    with pytest.raises(M.CheckpointError, match="yarn"):
-        C.args_from_hf_config(dict(cfg, sliding_window=None, rope_scaling={"rope_type": "yarn", "factor": 4}))
 
 
 @pytest.mark.parametrize("qtype,atol", [("F32", 0.0), ("F16", 2e-2), ("Q8_0", 5e-2), ("Q4_0", 0.5)])
@@ -279,7 +250,7 @@ def test_smollm2_tokenizer_and_chat(smollm2):
 def test_smollm2_answers_a_factual_question(smollm2):
     model, tok = smollm2
     ids = tok.prompt_ids("What is the capital of France? Answer in one word.", chat=True)
-    out, _ = G.run(model, ids, lqc.EvictConfig(method="full"), max_new_tokens=8, eos_ids=tok.eos_ids)
+    out, _ = D.run(model, ids, lqc.EvictConfig(method="full"), max_new_tokens=8, eos_ids=tok.eos_ids)
     assert "Paris" in tok.decode(out)
 
 
@@ -306,51 +277,10 @@ def test_cli_generates_with_eviction(tiny_ckpt, tmp_path):
     assert "KV kept 40/" in summary and "evict" in summary and "decode" in summary
 
 
-BAD = [
-    (["--ckpt", "/nonexistent/model.gguf"], "not found"),
-    (["--ckpt", "nosuchalias"], "not found"),
-    (["--budget", "0"], "budget must be > 0"),
-    (["--method", "magic"], "invalid choice"),
-    (["--prompt", "   "], "prompt is empty"),
-    (["--prompt", "zebra " * 1100], "exceeds the model's context"),
-    (["--dtype", "float8"], "invalid choice"),
-    (["--device", "cuda"], "not available"),
-    (["--device", "toaster"], "unknown device"),
-    (["--max-new-tokens", "x"], "invalid int"),
-    (["--prompt-file", "/nonexistent.txt"], "cannot read --prompt-file"),
-]
-
-
-@pytest.mark.parametrize("args,message", BAD)
-def test_cli_bad_input(tiny_ckpt, args, message):
-    if "--ckpt" not in args:
-        args = ["--ckpt", tiny_ckpt, *args]
-    if "--prompt" not in args and "--prompt-file" not in args:
-        args = [*args, "--prompt", "quick zebras"]
-    if torch.cuda.is_available() and "cuda" in args:
-        pytest.skip("CUDA is available here")
-    r = run_cli(*args)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
-    assert "Traceback" not in r.stderr and r.stdout == ""
-
-
-def test_cli_corrupt_checkpoint(tmp_path):
-    bad = tmp_path / "broken.gguf"
-    bad.write_bytes(b"GGUF" + os.urandom(200))
-    r = run_cli("--ckpt", str(bad), "--prompt", "hi")
-    assert r.returncode == 2 and "cannot read GGUF" in r.stderr and "Traceback" not in r.stderr
-    d = tmp_path / "hfdir"
-    d.mkdir()
-    (d / "config.json").write_text("{not json")
-    r = run_cli("--ckpt", str(d), "--prompt", "hi")
-    assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
-
-
 # ----------------------------------------------------------------------------------------------
 # lqc.py: eviction policies
 
-EVICTING = [m for m in lqc.METHODS if m != "full"]
+EVICTING = list(lqc.METHODS)  # every evicting method ("full" has no entry)
 GROUPS = st.sampled_from([(4, 4), (4, 2), (6, 2), (4, 1), (8, 2)])  # GQA groups 1..4
 
 
@@ -358,9 +288,9 @@ def evict_and_decode(model, ids, cfg, steps=4, eos_ids=()):
     """Prefill, evict with cfg, greedy-decode `steps` tokens. Returns (per-step logits, tokens,
     prefill state, compacted cache, kept indices or None)."""
     L = ids.shape[1]
-    pre = G.prefill(model, ids, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass)
+    pre = D.prefill(model, ids, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass)
     full_k = [k.clone() for k in pre.cache.k]
-    cache, indices = G.evict(cfg, model, pre, eos_ids=eos_ids)
+    cache, indices = D.evict(cfg, model, pre, eos_ids=eos_ids)
     assert all(torch.equal(a, b) for a, b in zip(full_k, pre.cache.k)), "eviction modified the full cache"
     logits, out = pre.obs.logits, []
     steps_logits = [logits]
@@ -468,7 +398,7 @@ def test_gqa_scores_equal_repeated_keys_summed_over_groups(T, L, group, seed):
 def test_chunked_h2o_mass_equals_dense(L, chunk, group):
     model = tiny(*group)
     ids = rand_ids(model, L, chunk)
-    pre = G.prefill(model, ids, chunk=chunk, h2o=True)
+    pre = D.prefill(model, ids, chunk=chunk, h2o=True)
     _, qs = model(ids, torch.arange(L)[None], model.new_cache(), return_queries=True)
     for l, q in enumerate(qs):  # dense: the whole L x L causal attention at once
         k = pre.cache.k[l].repeat_interleave(group[0] // group[1], dim=1)
@@ -481,11 +411,11 @@ def test_laq_lookahead_leaves_no_trace_and_uses_true_positions():
     model = tiny(4, 2)
     L = 50
     ids = rand_ids(model, L)
-    pre = G.prefill(model, ids, chunk=16, keep_queries=32)
+    pre = D.prefill(model, ids, chunk=16, keep_queries=32)
     before = [(k.clone(), v.clone(), p.clone()) for k, v, p in zip(pre.cache.k, pre.cache.v, pre.cache.pos)]
     snap = [lqc.select(lqc.score_snapkv(pre.obs.obs_q[l], pre.cache.k[l], pre.obs.obs_pos, pre.cache.pos[l], window=32),
                        20, 32) for l in range(2)]
-    pq, ppos, ptok = lqc.lookahead(G.query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([L]), 5)
+    pq, ppos, ptok = lqc.lookahead(query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([L]), 5)
     assert ppos.tolist() == [[50, 51, 52, 53, 54]] and pq[0].shape == (1, 4, 5, 16) and ptok.shape == (1, 6)
     for (k, v, p), k2, v2, p2 in zip(before, pre.cache.k, pre.cache.v, pre.cache.pos):
         assert torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(p, p2)
@@ -496,7 +426,7 @@ def test_laq_lookahead_leaves_no_trace_and_uses_true_positions():
     torch.testing.assert_close(pq[1][:, :, :1], q0[1])
     # stops at EOS: make the second pseudo token an EOS
     second = model(tok[:, None], torch.tensor([[L]]), pre.cache.gather(snap))[:, -1].argmax(-1).item()
-    pq, ppos, ptok = lqc.lookahead(G.query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([L]), 5,
+    pq, ppos, ptok = lqc.lookahead(query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([L]), 5,
                                    eos_ids=(second,))
     assert ppos.shape[1] == 1 and ptok.tolist() == [[tok.item(), second]]  # the pseudo tokens end with the EOS
 
@@ -628,12 +558,12 @@ def test_forced_logits_under_a_limit_replay_free_decoding(tiny_ckpt, method):
     """Teacher-forcing a method's own greedy answer under the limit gives back that answer: the
     forced run evicts exactly as free decoding did."""
     model, _ = C.load(tiny_ckpt)
-    pre = G.prefill(model, rand_ids(model, 200), keep_queries=8, h2o=lqc.METHODS[method].needs_mass)
+    pre = D.prefill(model, rand_ids(model, 200), keep_queries=8, h2o=lqc.METHODS[method].needs_mass)
     cfg = small_cfg(method, 48)
-    evicted, _ = G.evict(cfg, model, pre)
+    evicted, _ = D.evict(cfg, model, pre)
     cache = evicted.clone()
     ev = E.limited(model, cfg, pre, cache, limit=48, every=8)
-    out = G.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=40, step=ev.step, evictor=ev)[0]
+    out = D.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=40, step=ev.step, evictor=ev)[0]
     assert ev.evictions >= 4
     forced = E.limited(model, cfg, pre, evicted, limit=48, every=8)
     tf = E.forced_limited_logits(evicted, forced, first_logits=pre.obs.logits, tokens=out, next_pos=200)
@@ -670,12 +600,12 @@ def test_prefix_agreement_counts_the_end_of_the_answer():
 def readable_row(model, ids, cfg, steps, eos_ids=()):
     """The reference: one prompt, per-layer eviction, the growing KVCache."""
     L = len(ids)
-    pre = G.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass)
-    cache, _ = G.evict(cfg, model, pre, eos_ids=eos_ids)
+    pre = D.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass)
+    cache, _ = D.evict(cfg, model, pre, eos_ids=eos_ids)
     kept = [[set(p[0, h][p[0, h] >= 0].tolist()) for h in range(p.shape[1])] for p in cache.pos]
     seen = []
-    step = lambda t, p, c: seen.append(model(t, p, c)[:, -1]) or seen[-1]
-    toks = G.decode(model, cache, pre.obs.logits, torch.tensor([L]), max_new_tokens=steps, step=step)[0]
+    step = lambda t, p, c: (seen.append(model(t, p, c)[:, -1]) or seen[-1], None)  # the decode step's (logits, queries)
+    toks = D.decode(model, cache, pre.obs.logits, torch.tensor([L]), max_new_tokens=steps, step=step)[0]
     return kept, [pre.obs.logits[0]] + [s[0] for s in seen], toks
 
 
@@ -684,14 +614,14 @@ def fast_batch(model, prompts, cfg, steps, flex=False, eos_ids=()):
     pad = torch.tensor([L - len(p) for p in prompts])
     x = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
     next_pos = torch.tensor([len(p) for p in prompts])
-    pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass, pad=pad)
-    fast = G.FastPath(G.make_step(model, compile=False), max(steps, cfg.lookahead), flex=flex)
-    cache, _ = G.evict(cfg, model, pre, eos_ids=eos_ids, fast=fast)  # the lookahead over a static cache
+    pre = D.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass, pad=pad)
+    fast = FastPath(make_step(model, compile=False), max(steps, cfg.lookahead), flex=flex)
+    cache, _ = D.evict(cfg, model, pre, eos_ids=eos_ids, fast=fast)  # the lookahead over a static cache
     static = fast.pack(model, cache)
     kept = [[[set(p[b, h][p[b, h] >= 0].tolist()) for h in range(p.shape[1])] for p in static.pos] for b in range(B)]
     seen = []
-    step = lambda t, p, c: seen.append(model(t, p, c)[:, -1]) or seen[-1]
-    toks = G.decode(model, static, pre.obs.logits, next_pos, max_new_tokens=steps, step=step)
+    step = lambda t, p, c: (seen.append(model(t, p, c)[:, -1]) or seen[-1], None)  # the decode step's (logits, queries)
+    toks = D.decode(model, static, pre.obs.logits, next_pos, max_new_tokens=steps, step=step)
     return kept, [[pre.obs.logits[b]] + [s[b] for s in seen] for b in range(B)], toks
 
 
@@ -713,12 +643,12 @@ def test_fast_path_equals_readable_path(lengths, budget, group, method, seed):
 
 def readable_batch(model, prompts, cfg, steps, eos_ids=()):
     """The readable path (growing KVCache, per-layer eviction) on a left-padded batch."""
-    x, pad = G.left_pad(prompts, "cpu")
-    pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass, pad=pad)
-    cache, _ = G.evict(cfg, model, pre, eos_ids=eos_ids)
+    x, pad = D.left_pad(prompts, "cpu")
+    pre = D.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, h2o=cfg.needs_mass, pad=pad)
+    cache, _ = D.evict(cfg, model, pre, eos_ids=eos_ids)
     kept = [[[set(p[b, h][p[b, h] >= 0].tolist()) for h in range(p.shape[1])] for p in cache.pos]
             for b in range(len(prompts))]
-    return kept, G.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=steps, eos_ids=eos_ids)
+    return kept, D.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=steps, eos_ids=eos_ids)
 
 
 @settings(max_examples=examples(10), deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -757,16 +687,16 @@ def test_one_pass_causal_prefill_equals_the_chunked_masked_one(method):
     model = tiny(4, 2, n_layers=3)
     cfg = small_cfg(method, 10)
     ids = rand_ids(model, 45, 4)
-    fast = G.prefill(model, ids, keep_queries=cfg.obs_window)  # one pass, no mask
-    ref = G.prefill(model, ids, chunk=7, keep_queries=cfg.obs_window)  # chunks with the position mask
+    fast = D.prefill(model, ids, keep_queries=cfg.obs_window)  # one pass, no mask
+    ref = D.prefill(model, ids, chunk=7, keep_queries=cfg.obs_window)  # chunks with the position mask
     torch.testing.assert_close(fast.obs.logits, ref.obs.logits, atol=1e-5, rtol=1e-5)
     for a, b in [(fast.cache.k, ref.cache.k), (fast.cache.v, ref.cache.v), (fast.obs.obs_q, ref.obs.obs_q)]:
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(x, y) for x, y in zip(fast.cache.pos, ref.cache.pos))
     assert torch.equal(fast.obs.obs_pos, ref.obs.obs_pos)
-    _, kept_fast = G.evict(cfg, model, fast)
-    _, kept_ref = G.evict(cfg, model, ref)
+    _, kept_fast = D.evict(cfg, model, fast)
+    _, kept_ref = D.evict(cfg, model, ref)
     assert all(torch.equal(x, y) for x, y in zip(kept_fast, kept_ref))
     # a left-padded batch takes the masked path and still equals each row alone
     kept, _ = readable_batch(model, [ids[0].tolist(), ids[0, :30].tolist()], cfg, steps=1)
@@ -780,10 +710,10 @@ def test_prefill_skipping_the_last_layers_other_tokens_equals_the_full_forward(k
     computes every token's outputs."""
     model = tiny(4, 2, n_layers=3)
     if padded:
-        ids, pad = G.left_pad([rand_ids(model, 40)[0].tolist(), rand_ids(model, 29, 1)[0].tolist()], "cpu")
+        ids, pad = D.left_pad([rand_ids(model, 40)[0].tolist(), rand_ids(model, 29, 1)[0].tolist()], "cpu")
     else:
         ids, pad = rand_ids(model, 40), None
-    pre = G.prefill(model, ids, chunk=chunk, keep_queries=keep_queries, pad=pad)
+    pre = D.prefill(model, ids, chunk=chunk, keep_queries=keep_queries, pad=pad)
     pos = torch.arange(ids.shape[1]).expand_as(ids)
     pos = pos if pad is None else (pos - pad[:, None]).clamp(min=-1)
     ref_cache = model.new_cache()
@@ -956,9 +886,9 @@ def test_compiled_decode_step_compiles_once(method):
     model = tiny(4, 2)
     ids = rand_ids(model, 40)[0].tolist()
     cfg = small_cfg(method, 16)
-    ref, _ = G.run(model, ids, cfg, max_new_tokens=20)
+    ref, _ = D.run(model, ids, cfg, max_new_tokens=20)
     graphs = []
-    compiled = G.make_step(model, compile=True)
+    compiled = make_step(model, compile=True)
 
     def step(t, p, c):
         out = compiled(t, p, c)
@@ -966,7 +896,7 @@ def test_compiled_decode_step_compiles_once(method):
         return out
     for reuse in (False, True):  # reuse: each accepted pseudo token saves one step
         graphs.clear()
-        out, stats = G.run(model, ids, cfg, max_new_tokens=20, fast=True, compile=True, step=step, reuse=reuse)
+        out, stats = D.run(model, ids, cfg, max_new_tokens=20, fast=True, compile=True, step=step, reuse=reuse)
         assert out == ref and len(graphs) == 19 + (cfg.lookahead if method == "laqpp" else 0) - stats.accepted
         assert graphs[0] >= 1 and graphs[-1] == graphs[0], f"recompiled: {graphs}"
         assert stats.compile_s > 0 and "compile" in stats.line()
@@ -985,17 +915,18 @@ def kept_positions(cache) -> list:
 def limited_run(model, prompts, cfg, *, limit, every, steps, fast=False, step=None, reuse=True):
     """run_batch with a cache limit. Returns (tokens per row, kept positions at the end, per row the
     fullest head's size after every decode step)."""
-    inner = step or G.model_step(model)
+    inner = step or model_step(model)
     seen = []
 
     def watched(t, p, c):
         out = inner(t, p, c)
         seen.append((c, c.kept().amax(dim=(0, 2)).tolist()))
         return out
-    toks, stats = G.run_batch(model, prompts, cfg, max_new_tokens=steps, cache_limit=limit, evict_every=every,
+    toks, stats = D.run_batch(model, prompts, cfg, max_new_tokens=steps, cache_limit=limit, evict_every=every,
                               fast=fast, step=watched, reuse=reuse)
     assert all(len(t) == steps for t in toks)
-    assert (stats.limit_evict_s > 0) == (stats.limit_evictions > 0)  # the eviction's time is counted when it ran
+    # the eviction's time is counted when it ran (H2O's also when it adds the decode queries' mass, without evicting)
+    assert stats.limit_evict_s > 0 if stats.limit_evictions else stats.limit_evict_s == 0 or cfg.needs_mass
     cache = seen[-1][0]  # the decode cache (on the fast path LAQ's lookahead steps its own copy first)
     return toks, kept_positions(cache), [n for c, n in seen if c is cache]
 
@@ -1034,7 +965,7 @@ def test_limit_that_holds_prompt_and_answer_changes_nothing(L, budget, group, me
     cfg = small_cfg(method, budget)
     ids = rand_ids(model, L, L)[0].tolist()
     steps = 12
-    ref, _ = G.run(model, ids, cfg, max_new_tokens=steps, fast=fast)
+    ref, _ = D.run(model, ids, cfg, max_new_tokens=steps, fast=fast)
     kept0 = min(L, budget) if method not in ("pyramidkv", "adakv") else L
     limit = max(kept0 + steps - 1, every + 1)  # the tightest limit the whole answer fits in (the last token is never written)
     toks, _, sizes = limited_run(model, [ids], cfg, limit=limit, every=every, steps=steps, fast=fast)
@@ -1075,12 +1006,12 @@ def test_limit_bounds_the_allocated_bytes(L, limit, every, group, method, fast):
     a = model.args
     itemsize = torch.get_default_dtype().itemsize
     bound = a.n_layers * a.n_kv_heads * limit * (2 * a.head_dim * itemsize + 8)  # K and V in the dtype, int64 positions
-    inner, peak = G.model_step(model), []
+    inner, peak = model_step(model), []
 
     def watched(t, p, c):
         peak.append((c, kv_bytes(c)))
         return inner(t, p, c)
-    G.run_batch(model, [rand_ids(model, L, L)[0].tolist()], cfg, max_new_tokens=20, cache_limit=limit,
+    D.run_batch(model, [rand_ids(model, L, L)[0].tolist()], cfg, max_new_tokens=20, cache_limit=limit,
                 evict_every=every, fast=fast, step=watched)
     # the decode cache (on the fast path LAQ's lookahead first steps a scratch copy, freed after eviction)
     peak = [n for c, n in peak if c is peak[-1][0]]
@@ -1177,7 +1108,7 @@ def test_limit_evicts_in_place_without_recompiling_the_decode_step():
     ids = rand_ids(model, 40)[0].tolist()
     cfg = small_cfg("streaming", 16)
     ref, _, ref_sizes = limited_run(model, [ids], cfg, limit=24, every=4, steps=30)
-    compiled, graphs = G.make_step(model, compile=True), []
+    compiled, graphs = make_step(model, compile=True), []
 
     def step(t, p, c):
         out = compiled(t, p, c)
@@ -1226,8 +1157,8 @@ def test_same_kept_indices_through_transformers(hf_pair, method):
     ids = rand_ids(ours, 90, 3)
     for budget in (10, 33, 64):
         cfg = small_cfg(method, budget)
-        pre = G.prefill(ours, ids, chunk=32, keep_queries=cfg.obs_window, h2o=lqc.METHODS[method].needs_mass)
-        _, want = G.evict(cfg, ours, pre, eos_ids=(2,))
+        pre = D.prefill(ours, ids, chunk=32, keep_queries=cfg.obs_window, h2o=lqc.METHODS[method].needs_mass)
+        _, want = D.evict(cfg, ours, pre, eos_ids=(2,))
         press = lqc_hf.LQCPress(method, budget=budget, options=dict(window=8, window_laqpp=4, lookahead=3))
         try:
             with torch.no_grad(), press(hf):
@@ -1245,7 +1176,7 @@ def test_decoding_after_compression_through_transformers_matches_lqc(hf_pair, me
     hf, ours = hf_pair
     ids = rand_ids(ours, 80, 5)
     opts = {"window": 8, "window_laqpp": 4, "lookahead": 3}
-    want, _ = G.run(ours, ids[0].tolist(), lqc.EvictConfig(method=method, budget=budget, **opts), max_new_tokens=12,
+    want, _ = D.run(ours, ids[0].tolist(), lqc.EvictConfig(method=method, budget=budget, **opts), max_new_tokens=12,
                     eos_ids=(2,))
     cache, logits, indices = lqc_hf.compress(hf, ids, method, budget, **opts)
     assert indices is not None and cache.layers[0].keys.shape[2] < 80  # physically smaller
@@ -1306,8 +1237,8 @@ def test_lqc_snapkv_keeps_what_kvpress_snapkv_keeps(hf_pair):
                 hf.model(input_ids=ids, past_key_values=cache)
         n_kept = cache.layers[0].keys.shape[2]
         cfg = lqc.EvictConfig(method="snapkv", budget=n_kept, window=window, kernel=kernel, pool="avg")
-        pre = G.prefill(ours, ids, chunk=64, keep_queries=cfg.obs_window)
-        _, ours_idx = G.evict(cfg, ours, pre)
+        pre = D.prefill(ours, ids, chunk=64, keep_queries=cfg.obs_window)
+        _, ours_idx = D.evict(cfg, ours, pre)
         for l, layer in enumerate(cache.layers):
             keys_full = full.layers[l].keys  # [1, H, L, D]: find each kept key's position
             for h in range(keys_full.shape[1]):
@@ -1322,13 +1253,13 @@ def test_batched_lookahead_stops_each_row_at_its_own_eos(method, eos_at):
     model = tiny(4, 2, n_layers=3)
     prompts = [rand_ids(model, 50, 11)[0].tolist(), rand_ids(model, 37, 12)[0].tolist()]
     cfg = small_cfg(method, 12, lookahead=6)
-    pre = G.prefill(model, torch.tensor([prompts[0]]), chunk=16, keep_queries=cfg.obs_window)
+    pre = D.prefill(model, torch.tensor([prompts[0]]), chunk=16, keep_queries=cfg.obs_window)
     snap = [lqc.select(lqc.score_snapkv(q, k, pre.obs.obs_pos, p, window=8), 12, 8)
             for q, k, p in zip(pre.obs.obs_q, pre.cache.k, pre.cache.pos)]
     t0 = pre.obs.logits.argmax(-1)
-    t1 = G.query_step(model, pre.cache.gather(snap))(t0[:, None], torch.tensor([[50]]))[0].argmax(-1)
+    t1 = query_step(model, pre.cache.gather(snap))(t0[:, None], torch.tensor([[50]]))[0].argmax(-1)
     eos = (t0 if eos_at == 0 else t1).item()
-    _, ppos, _ = lqc.lookahead(G.query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([50]), 6, (eos,))
+    _, ppos, _ = lqc.lookahead(query_step(model, pre.cache.gather(snap)), pre.obs.logits, torch.tensor([50]), 6, (eos,))
     assert ppos.tolist() == [[50]]  # the first is always fed (LAQ needs a query); nothing after an EOS
     # in a batch row 0 stops early and row 1 goes on, on the readable and the static path
     for kept in (readable_batch(model, prompts, cfg, steps=2, eos_ids=(eos,))[0],
@@ -1350,11 +1281,11 @@ def test_fused_prefill_equals_the_readable_one_on_padded_batches():
     assert model.fuse_prefill() > 0  # compiles now, on an 8-token chunk: the time is reported apart
     fused_pair = model.fused
     for lengths in ([30, 17], [41, 12]):
-        x, pad = G.left_pad([rand_ids(model, n, n)[0].tolist() for n in lengths], "cpu")
+        x, pad = D.left_pad([rand_ids(model, n, n)[0].tolist() for n in lengths], "cpu")
         model.fused = None
-        ref = G.prefill(model, x, keep_queries=cfg.obs_window, pad=pad)
+        ref = D.prefill(model, x, keep_queries=cfg.obs_window, pad=pad)
         model.fused = fused_pair
-        fused = G.prefill(model, x, keep_queries=cfg.obs_window, pad=pad)
+        fused = D.prefill(model, x, keep_queries=cfg.obs_window, pad=pad)
         torch.testing.assert_close(fused.obs.logits, ref.obs.logits, rtol=1e-4, atol=1e-4)
         for a, b in zip(fused.cache.k + fused.cache.v, ref.cache.k + ref.cache.v):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

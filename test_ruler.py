@@ -10,8 +10,7 @@ import torch
 
 import checkpoint as C
 import eval as E
-import generate as G
-import lqc
+import decoding as D
 import model as M
 import ruler
 from test_lqc import rand_ids, save_hf_dir, small_cfg, tiny
@@ -74,8 +73,8 @@ def test_build_spreads_depths_and_haystacks_seed_major(tok):
 
 def test_stacked_evicted_caches_decode_as_each_alone():
     model = tiny()
-    pre = G.prefill(model, rand_ids(model, 150), keep_queries=8)
-    caches = [G.evict(small_cfg(m, b), model, pre)[0] for m, b in (("snapkv", 24), ("laqpp", 40), ("adakv", 32))]
+    pre = D.prefill(model, rand_ids(model, 150), keep_queries=8)
+    caches = [D.evict(small_cfg(m, b), model, pre)[0] for m, b in (("snapkv", 24), ("laqpp", 40), ("adakv", 32))]
     batch = M.KVCache.stack(caches)
     assert batch.k[0].shape[0] == 3 and batch.k[0].shape[2] == max(c.width(0) for c in caches)
     rows = E.greedy_rows(model, batch, pre.obs.logits, 7, 150, "redecode", 12, ())

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import generate as G
+import decoding as D
 import lqc
 import model as M
 import serve as S
+from steps import model_step, to_static
 from tiny_models import rand_ids, save_hf_dir, tiny
 
 STUB_TOK = SimpleNamespace(eos_ids=(), decode=lambda ids: " ".join(map(str, ids)))
@@ -28,10 +29,9 @@ def requests_for(model, cfgs, lengths, arrivals, max_new):
             for i, (cfg, n, a, m) in enumerate(zip(cfgs, lengths, arrivals, max_new))]
 
 
-def serve_all(model, requests, *, n_slots, capacity, static=False, compile=False):
+def serve_all(model, requests, *, n_slots, capacity, **kw):
     records = []
-    server = S.Server(model, STUB_TOK, n_slots=n_slots, capacity=capacity, prefill_chunk=7, static=static,
-                      compile=compile)
+    server = S.Server(model, STUB_TOK, n_slots=n_slots, capacity=capacity, prefill_chunk=7, **kw)
     server.run(requests, records.append)
     return {r["id"]: r for r in records}, server
 
@@ -39,7 +39,7 @@ def serve_all(model, requests, *, n_slots, capacity, static=False, compile=False
 @pytest.mark.parametrize("method", METHODS)
 def test_every_request_equals_the_request_alone(method):
     """Three slots, seven requests of different lengths, budgets and answer lengths; some arrive
-    while others decode (arrival 0), one after an idle gap: each answer equals `generate.run` on the
+    while others decode (arrival 0), one after an idle gap: each answer equals `decoding.run` on the
     request alone (greedy, no draft reuse), token for token."""
     model = tiny(4, 2, n_layers=2)
     lengths, budgets = [30, 9, 45, 20, 33, 12, 40], [8, 16, 12, 8, 20, 8, 10]
@@ -54,9 +54,42 @@ def test_every_request_equals_the_request_alone(method):
         # whose heads a slot cuts to what it holds besides the answer (its widest head depends on
         # the prompt)
         cfg = replace(r.cfg, cap=max(capacity - r.max_new_tokens, r.cfg.budget)) if method == "adakv" else r.cfg
-        alone, _ = G.run(model, r.ids, cfg, max_new_tokens=r.max_new_tokens, reuse=False)
+        alone, _ = D.run(model, r.ids, cfg, max_new_tokens=r.max_new_tokens, reuse=False)
         assert out[r.id]["token_ids"] == alone, f"request {r.id}"
         assert out[r.id]["new_tokens"] == r.max_new_tokens and len(out[r.id]["itl_ms"]) == r.max_new_tokens - 1
+
+
+@pytest.mark.parametrize("method", list(lqc.METHODS))
+def test_under_a_cache_limit_every_request_equals_the_request_alone(method):
+    """--cache-limit: slots of `limit` entries, each evicting on its own while decoding. Requests
+    with budgets below and above the limit and answers long enough to evict several times, some
+    admitted into slots other requests left (with their queries or H2O mass still in the
+    evictor's state): each answer equals `decoding.run` alone with the same limit, token for token."""
+    model = tiny(4, 2, n_layers=2)
+    limit, every = 14, 4
+    lengths, budgets = [30, 9, 45, 20, 33, 12], [8, 20, 12, 8, 10, 16]
+    cfgs = [lqc.EvictConfig(method=method, budget=b, window=4, window_laqpp=2, lookahead=3) for b in budgets]
+    max_new = [24, 16, 30, 5, 22, 18]
+    requests = requests_for(model, cfgs, lengths, [0, 0, 0, 0, 40.0, 40.0], max_new)
+    rule = replace(cfgs[0], budget=limit)
+    out, server = serve_all(model, requests, n_slots=2, capacity=limit, limit_cfg=rule, evict_every=every)
+    assert server.peak == 2 and len(out) == len(requests) and server.evictor.evictions > 0
+    assert server.cache.capacity == limit  # what a slot holds, every layer and head
+    for r in requests:
+        alone, stats = D.run(model, r.ids, r.cfg, max_new_tokens=r.max_new_tokens, reuse=False, cache_limit=limit,
+                             evict_every=every)
+        assert out[r.id]["token_ids"] == alone, f"request {r.id}"
+    assert stats.limit_evictions > 0  # the last request evicted while decoding alone too
+
+
+def test_under_a_cache_limit_a_request_with_another_rule_is_refused():
+    model = tiny(4, 2, n_layers=2)
+    rule = lqc.EvictConfig(method="snapkv", budget=14, window=4)
+    server = S.Server(model, STUB_TOK, n_slots=1, capacity=14, limit_cfg=rule)
+    same, other, narrow = [S.Request(i, i, [1] * 40, cfg, 50) for i, cfg in enumerate(
+        [replace(rule, budget=64), replace(rule, method="h2o"), replace(rule, budget=2, window=2)])]
+    assert server.fits(same) is None  # a budget above the limit, an answer longer than the slot: it evicts
+    assert "one rule" in server.fits(other) and "one rule" in server.fits(narrow)
 
 
 def test_static_batches_admit_a_batch_only_when_the_last_one_is_done():
@@ -212,6 +245,9 @@ def test_bench_runs_its_rows_and_writes_the_table(tiny_ckpt, tmp_path):
     assert "| inf | snapkv 16 int8 |" in r.stdout
 
 
+REQ = ["--requests", "/nonexistent.jsonl", "--out", "o.jsonl"]  # the flags are checked before the file is read
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "give --requests"),
     (["--requests", "x.jsonl"], "needs --out"),
@@ -222,6 +258,12 @@ def test_bench_runs_its_rows_and_writes_the_table(tiny_ckpt, tmp_path):
     (["--bench", "--rows", "laqpp"], "--rows"),
     (["--bench", "--rates", "0"], "--rates"),
     (["--max-new-tokens", "0", "--bench"], "--max-new-tokens"),
+    (["--bench", "--cache-limit", "64"], "--cache-limit applies to --requests"),
+    ([*REQ, "--method", "full", "--cache-limit", "64"], "--cache-limit needs an evicting method"),
+    ([*REQ, "--cache-limit", "64", "--evict-every", "64"], "--evict-every < --cache-limit"),
+    ([*REQ, "--cache-limit", "64", "--kv-bits", "8"], "do not go together"),
+    ([*REQ, "--cache-limit", "0"], "--cache-limit must be > 0"),
+    (["--bench", "--evict-every", "0"], "--evict-every must be > 0"),
 ])
 def test_cli_bad_input_is_one_line(tiny_ckpt, args, message):
     r = run_serve("--ckpt", tiny_ckpt, *args)
@@ -237,14 +279,14 @@ def test_int8_entries_bound_the_attention_error_and_take_a_quarter_of_the_bytes(
     entry takes 2 * (D + 4) + 8 bytes instead of 2 * 4 * D + 8."""
     model = tiny(4, 2, n_layers=2)
     ids = rand_ids(model, 40, 1)
-    pre = G.prefill(model, ids)
+    pre = D.prefill(model, ids)
     for l in range(len(pre.cache.k)):  # an outlier channel in every head's keys
         pre.cache.k[l][..., 3] *= 50
     token, pos = torch.tensor([[5]]), torch.tensor([[40]])
     out = {}
     for bits in (None, 8):
-        cache = G.to_static(model, pre.cache, 4, flex=False, kv_bits=bits)
-        out[bits] = G.model_step(model)(token, pos, cache)[0]
+        cache = to_static(model, pre.cache, 4, flex=False, kv_bits=bits)
+        out[bits] = model_step(model)(token, pos, cache)[0]
         a = model.args
         per_entry = 2 * (a.head_dim + 4) + 8 if bits else 2 * 4 * a.head_dim + 8
         assert sum(t.untyped_storage().nbytes() for t in cache.k + cache.v + cache.pos) == \
@@ -277,16 +319,16 @@ def test_int8_slots_answer_as_the_request_alone_with_int8(method):
     server = S.Server(model, STUB_TOK, n_slots=2, capacity=capacity, prefill_chunk=7, kv_bits=8)
     server.run(requests, records.append)
     for r, rec in zip(requests, sorted(records, key=lambda x: x["id"])):
-        alone, _ = G.run(model, r.ids, r.cfg, max_new_tokens=r.max_new_tokens, reuse=False, kv_bits=8)
+        alone, _ = D.run(model, r.ids, r.cfg, max_new_tokens=r.max_new_tokens, reuse=False, kv_bits=8)
         assert rec["token_ids"] == alone
 
 
 def test_int8_fits_at_least_3_5x_the_slots_of_float32():
     model = tiny(4, 2, n_layers=2)
-    for D in (64, 128):  # SmolLM2 and Qwen2.5-0.5B: 64; Llama 3: 128
-        fake = SimpleNamespace(args=replace(model.args, head_dim=D), tok_embeddings=model.tok_embeddings)
+    for head_dim in (64, 128):  # SmolLM2 and Qwen2.5-0.5B: 64; Llama 3: 128
+        fake = SimpleNamespace(args=replace(model.args, head_dim=head_dim), tok_embeddings=model.tok_embeddings)
         ratio = S.slot_bytes(fake, 576) / S.slot_bytes(fake, 576, kv_bits=8)
-        assert ratio >= 3.5, (D, ratio)
+        assert ratio >= 3.5, (head_dim, ratio)
 
 
 def test_a_killed_run_leaves_whole_lines_and_a_rerun_finishes_it(tiny_ckpt, tmp_path):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import decoding as D
 import eval as E
-import generate as G
 import lqc
+from sampling import accept, Sampling
+from speculative import PseudoDraft
+from steps import to_static
 from test_lqc import rand_ids, small_cfg, smollm2, tiny  # noqa: F401 (smollm2: a fixture)
 
 
@@ -25,8 +28,8 @@ def test_reuse_equals_no_reuse(method, fast):
     model = tiny(4, 2, n_layers=3)
     prompts = prompts_of(model, [50, 37, 61])
     cfg = small_cfg(method, 12, lookahead=6)
-    ref, plain = G.run_batch(model, prompts, cfg, max_new_tokens=24, reuse=False, fast=fast)
-    out, stats = G.run_batch(model, prompts, cfg, max_new_tokens=24, reuse=True, fast=fast)
+    ref, plain = D.run_batch(model, prompts, cfg, max_new_tokens=24, reuse=False, fast=fast)
+    out, stats = D.run_batch(model, prompts, cfg, max_new_tokens=24, reuse=True, fast=fast)
     assert out == ref
     assert plain.drafted == 0 and stats.drafted == 3 * 7  # 6 fed pseudo tokens and the choice after them, per row
     assert 3 <= stats.accepted <= stats.drafted  # greedy: the first pseudo token is the first real token
@@ -35,13 +38,13 @@ def test_reuse_equals_no_reuse(method, fast):
 def decode_with_draft(model, prompts, cfg, draft_tokens, *, static, steps=12, eos_ids=()):
     """Prefill, evict, then decode with a hand-made first-round draft `[B, m]`; returns (tokens, draft,
     valid positions per row, layer and head after decoding)."""
-    x, pad = G.left_pad(prompts, "cpu")
-    pre = G.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, pad=pad)
-    cache, _ = G.evict(cfg, model, pre)
+    x, pad = D.left_pad(prompts, "cpu")
+    pre = D.prefill(model, x, chunk=16, keep_queries=cfg.obs_window, pad=pad)
+    cache, _ = D.evict(cfg, model, pre)
     if static:
-        cache = G.to_static(model, cache, steps + 2 * draft_tokens.shape[1] + 1, flex=False)
-    draft = G.PseudoDraft(tokens=draft_tokens) if draft_tokens.shape[1] else None
-    out = G.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=steps, eos_ids=eos_ids, draft=draft)
+        cache = to_static(model, cache, steps + 2 * draft_tokens.shape[1] + 1, flex=False)
+    draft = PseudoDraft(tokens=draft_tokens) if draft_tokens.shape[1] else None
+    out = D.decode(model, cache, pre.obs.logits, pre.obs.next_pos, max_new_tokens=steps, eos_ids=eos_ids, draft=draft)
     kept = [[[sorted(p[b, h][p[b, h] >= 0].tolist()) for h in range(p.shape[1])] for p in cache.pos]
             for b in range(len(prompts))]
     return out, draft, kept
@@ -83,11 +86,11 @@ def test_reuse_with_eos_among_the_pseudo_tokens():
     prompts = prompts_of(model, [50, 44], seed=21)
     cfg = small_cfg("laq", 12, lookahead=6)
     seen = []
-    G.evict(cfg, model, G.prefill(model, *G.left_pad(prompts, "cpu")[:1], chunk=16, keep_queries=cfg.obs_window,
-                                  pad=G.left_pad(prompts, "cpu")[1]), on_pseudo=seen.append)
+    D.evict(cfg, model, D.prefill(model, *D.left_pad(prompts, "cpu")[:1], chunk=16, keep_queries=cfg.obs_window,
+                                  pad=D.left_pad(prompts, "cpu")[1]), on_pseudo=seen.append)
     eos = seen[0][0, 2].item()  # row 0's third pseudo token becomes an EOS
-    ref, _ = G.run_batch(model, prompts, cfg, max_new_tokens=12, eos_ids=(eos,), reuse=False)
-    out, stats = G.run_batch(model, prompts, cfg, max_new_tokens=12, eos_ids=(eos,), reuse=True)
+    ref, _ = D.run_batch(model, prompts, cfg, max_new_tokens=12, eos_ids=(eos,), reuse=False)
+    out, stats = D.run_batch(model, prompts, cfg, max_new_tokens=12, eos_ids=(eos,), reuse=True)
     assert out == ref and stats.drafted > 0
 
 
@@ -96,8 +99,8 @@ def test_reuse_with_eos_among_the_pseudo_tokens():
 def test_verify_equals_full_cache(method, fast):
     model = tiny(4, 2, n_layers=3)
     prompts = prompts_of(model, [50, 37], seed=7)
-    ref, _ = G.run_batch(model, prompts, small_cfg("full", 8), max_new_tokens=20, fast=fast)
-    out, stats = G.run_batch(model, prompts, small_cfg(method, 8), max_new_tokens=20, fast=fast, verify="full",
+    ref, _ = D.run_batch(model, prompts, small_cfg("full", 8), max_new_tokens=20, fast=fast)
+    out, stats = D.run_batch(model, prompts, small_cfg(method, 8), max_new_tokens=20, fast=fast, verify="full",
                              draft_len=3)
     assert out == ref
     assert 0 < stats.accepted < stats.drafted  # budget 8 of ~40: the compacted cache's drafts are not all right
@@ -106,8 +109,8 @@ def test_verify_equals_full_cache(method, fast):
 def test_verify_with_nothing_evicted_is_plain_decoding():
     model = tiny(4, 2)
     prompts = prompts_of(model, [20])
-    ref, _ = G.run_batch(model, prompts, small_cfg("full", 8), max_new_tokens=6)
-    out, stats = G.run_batch(model, prompts, small_cfg("snapkv", 64), max_new_tokens=6, verify="full")
+    ref, _ = D.run_batch(model, prompts, small_cfg("full", 8), max_new_tokens=6)
+    out, stats = D.run_batch(model, prompts, small_cfg("snapkv", 64), max_new_tokens=6, verify="full")
     assert out == ref and stats.drafted == 0
 
 
@@ -116,11 +119,11 @@ def test_smollm2_reuse_and_verify_equal_their_references(smollm2):
     ids = tok.prompt_ids("Name the largest planet of the solar system and say why it is so large.", chat=True)
     cfg = lqc.EvictConfig(method="laqpp", budget=16, window=8, window_laqpp=4)
     kw = dict(max_new_tokens=10, eos_ids=tok.eos_ids)
-    ref, _ = G.run(model, ids, cfg, reuse=False, **kw)
-    out, stats = G.run(model, ids, cfg, reuse=True, **kw)
+    ref, _ = D.run(model, ids, cfg, reuse=False, **kw)
+    out, stats = D.run(model, ids, cfg, reuse=True, **kw)
     assert out == ref and stats.accepted >= 1
-    full, _ = G.run(model, ids, lqc.EvictConfig(method="full"), **kw)
-    out, stats = G.run(model, ids, cfg, verify="full", draft_len=3, **kw)
+    full, _ = D.run(model, ids, lqc.EvictConfig(method="full"), **kw)
+    out, stats = D.run(model, ids, cfg, verify="full", draft_len=3, **kw)
     assert out == full and stats.drafted > 0
 
 
@@ -143,7 +146,7 @@ def test_acceptance_rule_preserves_the_target_distribution(draft):
         x, qx = torch.full((N, 1), 3), None  # accepted with probability p(3) = 0.2
     else:
         x, qx = torch.multinomial(q.expand(N, V), 1, generator=gen), q.expand(N, 1, V)
-    n, nxt = G.accept(p.log().expand(N, 2, V), x, qx, G.Sampling(temperature=1.0), gen)
+    n, nxt = accept(p.log().expand(N, 2, V), x, qx, Sampling(temperature=1.0), gen)
     first = torch.where(n == 1, x[:, 0], nxt)  # the token at the draft position
     assert within(torch.bincount(first, minlength=V).float(), p[0], N)
     after = nxt[n == 1]  # after an accepted draft token: a draw from the next position's p
@@ -171,11 +174,11 @@ def test_sampled_output_follows_plain_sampling(mode):
     model = tiny(4, 2, vocab_size=V)
     ids = rand_ids(model, 30, 1)[0].tolist()
     cfg = small_cfg("laqpp", 8, lookahead=4)
-    pre = G.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window)
-    target = pre.cache.clone() if mode == "verify" else G.evict(cfg, model, pre)[0]
+    pre = D.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window)
+    target = pre.cache.clone() if mode == "verify" else D.evict(cfg, model, pre)[0]
     p = exact_two_tokens(model, target, pre.obs.logits, pre.obs.next_pos, V)
     # 3 tokens: verify's first draft token comes from the prefill logits and is always accepted
-    out, stats = G.run_batch(model, [ids] * N, cfg, max_new_tokens=3, sampling=G.Sampling(temperature=1.0, seed=0),
+    out, stats = D.run_batch(model, [ids] * N, cfg, max_new_tokens=3, sampling=Sampling(temperature=1.0, seed=0),
                              reuse=mode == "reuse", verify="full" if mode == "verify" else None, draft_len=2)
     assert 0 < stats.accepted < stats.drafted
     pairs = torch.tensor([o[0] * V + o[1] for o in out])
@@ -191,10 +194,10 @@ def test_eval_acceptance_equals_verify_mode_counts():
     model = tiny(4, 2, n_layers=3)
     ids = rand_ids(model, 50, 9)[0].tolist()
     cfg, n, k = small_cfg("snapkv", 8), 16, 3
-    full, _ = G.run(model, ids, small_cfg("full", 8), max_new_tokens=n)
-    _, stats = G.run(model, ids, cfg, max_new_tokens=n, verify="full", draft_len=k)
-    pre = G.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window)
-    cache, _ = G.evict(cfg, model, pre)
+    full, _ = D.run(model, ids, small_cfg("full", 8), max_new_tokens=n)
+    _, stats = D.run(model, ids, cfg, max_new_tokens=n, verify="full", draft_len=k)
+    pre = D.prefill(model, torch.tensor([ids]), chunk=16, keep_queries=cfg.obs_window)
+    cache, _ = D.evict(cfg, model, pre)
     tf = E.continuation_logits(model, cache, pre.obs.logits, ids[-1], full, len(ids), "prefill")  # [n, V]
     matches = (tf.argmax(-1) == torch.tensor(full)).tolist()
     assert not all(matches) and E.draft_acceptance(matches, k) == stats.accepted / stats.drafted

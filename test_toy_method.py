@@ -10,6 +10,7 @@ import torch
 
 import bench as B
 import eval as E
+import decoding as D
 import generate as G
 import lqc
 from test_lqc import TEXT, save_hf_dir, tiny
@@ -53,8 +54,8 @@ def test_toy_method_through_generate(toy, ckpt, capfd, extra, kept):
 def test_toy_method_keeps_the_largest_keys(toy):
     model = tiny()
     ids = torch.randint(0, model.args.vocab_size, (1, 60), generator=torch.Generator().manual_seed(1))
-    pre = G.prefill(model, ids)
-    cache, indices = G.evict(lqc.EvictConfig(method="toy", budget=10), model, pre)
+    pre = D.prefill(model, ids)
+    cache, indices = D.evict(lqc.EvictConfig(method="toy", budget=10), model, pre)
     for l, idx in enumerate(indices):
         want = pre.cache.k[l].norm(dim=-1).topk(10, dim=-1).indices.sort(-1).values
         assert torch.equal(idx, want)

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
+import decoding as D
 import generate as G
+from steps import model_step
 from test_lqc import TEXT, save_hf_dir, tiny
 
 
@@ -36,7 +38,7 @@ def test_progress_line_on_a_terminal_only(tiny_dir, monkeypatch, extra):
     args = ["--ckpt", tiny_dir, "--prompt", TEXT[:300], "--method", "snapkv", "--budget", "24", "--window", "8",
             "--max-new-tokens", "4", "--answer-prefix", "Answer:", *extra]
     if "--compile" in extra:  # the CLI's side of --compile, without minutes of compiling on a CPU
-        monkeypatch.setattr(G, "make_step", lambda model, compile: G.model_step(model))
+        monkeypatch.setattr(D, "make_step", lambda model, compile: model_step(model))
     plain_out, plain_err = generate_main(monkeypatch, args, io.StringIO())
     tty_out, tty_err = generate_main(monkeypatch, args, Terminal())
     assert tty_out == plain_out and plain_out.startswith("Answer:")  # stdout is the same either way
@@ -80,10 +82,9 @@ def test_bench_end_to_end_runs_the_full_cache_once_for_all_budgets(tiny_dir, tmp
     """The full cache's end-to-end run does not depend on the budget: one measurement serves the
     verify rows of every budget; the evicting rows run once per budget."""
     import bench
-    import generate as G
     calls = []
-    run = G.run
-    monkeypatch.setattr(G, "run", lambda model, ids, cfg, **kw: calls.append((cfg.method, cfg.budget)) or run(model, ids, cfg, **kw))
+    run = D.run
+    monkeypatch.setattr(D, "run", lambda model, ids, cfg, **kw: calls.append((cfg.method, cfg.budget)) or run(model, ids, cfg, **kw))
     result = bench.main(bench.parse_args(["--ckpt", tiny_dir, "--lengths", "300", "--budgets", "64", "128", "--methods",
                                           "snapkv", "--reps", "2", "--steps", "2", "--warmup", "1", "--no-compile",
                                           "--e2e-tokens", "3", "--verify-draft-lens", "2", "--out", str(tmp_path / "b")]))

@@ -6,14 +6,12 @@ its question with one method and budget, print the answer.
     python examples/api.py --method snapkv --budget 128
     python examples/api.py --ckpt path/to/hf_dir --device cuda --dtype bfloat16
 
-The same steps by hand: generate.prefill -> generate.evict (lqc.plan_eviction) -> generate.decode.
+The same steps by hand: decoding.prefill -> decoding.evict (lqc.plan_eviction) -> decoding.decode.
 """
 from pathlib import Path
 
-import torch
-
 import lqc
-from lqc_modules import checkpoint, cli, generate  # lqc's files, under private names
+from lqc_modules import checkpoint, cli, decoding, generate  # lqc's files, under private names
 
 DOC = Path(__file__).parent / "doc.txt"  # a document whose last line is a question
 
@@ -24,7 +22,7 @@ def answer(ckpt: str, method: str, budget: int, max_new_tokens: int, device: str
     dev, dt = generate.check_device(device, dtype)  # a bad flag is one line, before any model work
     model, tok = checkpoint.load(ckpt, dev, dt)
     ids = tok.prompt_ids(DOC.read_text().strip(), chat=tok.chat_format is not None)
-    out, stats = generate.run(model, ids, cfg, max_new_tokens=max_new_tokens, eos_ids=tok.eos_ids)
+    out, stats = decoding.run(model, ids, cfg, max_new_tokens=max_new_tokens, eos_ids=tok.eos_ids)
     print(f"[{method}] {stats.line()}")
     return tok.decode(out)
 
