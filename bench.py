@@ -37,7 +37,6 @@ if __name__ == "__main__":
 import torch
 
 import decoding as D
-import generate as G
 import lqc
 from cache_limit import EVICT_EVERY, check_limit
 from checkpoint import load
@@ -65,8 +64,6 @@ def peak_mb(device) -> float:
             return int(line.split()[1]) / 1024
     return float("nan")
 
-
-sync = sync
 
 
 def timed(fn, device):
@@ -521,7 +518,7 @@ def peer_markdown(rows, budget) -> str:
 
 def parse_args(argv=None):
     p = cli.ArgParser(description="Benchmark prefill, eviction overhead and decode speed with compacted caches. "
-                                  + G.WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
+                                  + cli.WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
     p.add_argument("--ckpt", default="smollm2", help="short name, .gguf file, HF directory or hub id")
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8000], help="prompt lengths in tokens")
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512],
@@ -644,7 +641,7 @@ def write_results(out: Path, result: dict, complete: bool):
 
 def main(args):
     notes = check_args(args)
-    device, dtype = G.check_device(args.device, args.dtype)
+    device, dtype = cli.check_device(args.device, args.dtype)
     out = cli.check_out(args.out, args.overwrite)
     model, tok = load(args.ckpt, device, dtype)
     args.loaded = model.source  # recorded in bench.json: --ckpt llama may have fallen back to SmolLM2

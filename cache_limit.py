@@ -83,8 +83,8 @@ class Evictor:
     def admit(self, row: int, cache, obs: lqc.Observation, prompt_pos: list):
         """A new request in row `row` of `cache` (its prompt's cache already written there): its
         state becomes what it would be alone (its prompt's mass, or its last `window` prompt
-        queries), and whatever the row's earlier occupant left is dropped. Queries at position -1
-        see nothing and add nothing (`lqc.attention_mass`), so they stand for "no query"."""
+        queries), and whatever the row's earlier occupant left is dropped. A query at position -1
+        sees only empty slots, whose mass is zeroed (`lqc.attention_mass`): it stands for "no query"."""
         if self.needs_mass:
             if self.mass is None:
                 self.mass = [p.new_zeros(p.shape, dtype=torch.float32) for p in cache.pos]

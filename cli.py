@@ -1,6 +1,6 @@
-"""What generate.py, eval.py and bench.py share: one-line errors and honest exit codes, the prompt
-read as strict UTF-8, flags checked before any model work, the window rule, and outputs written so
-that an interrupted run loses nothing.
+"""What the command lines (generate.py, eval.py, bench.py, serve.py) share: one-line errors and
+honest exit codes, the prompt read as strict UTF-8, flags and the device checked before any model
+work, the window rule, and outputs written so that an interrupted run loses nothing.
 
 Exit codes: 0 done; 2 bad input (one line on stderr naming the flag or file); 1 an output could not
 be written (one line: disk full, closed stdout); 130 Ctrl-C; 141 stdout closed early by the reader
@@ -22,6 +22,8 @@ MIN_TEMPERATURE = 1e-6  # below this (denormals included) logits / temperature o
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 CONFIG_FLAGS = {"budget": "--budget", "window": "--window", "window_laqpp": "--window-laqpp",
                 "lookahead": "--lookahead", "kernel": "--pool-kernel", "pool": "--pool"}  # lqc.EvictConfig field -> flag
+WINDOW_RULE = ("A window is part of the budget: --window or --window-laqpp above --budget is clamped to the budget "
+               "(a note on stderr says so), and a --budget at least the prompt's length evicts nothing (a note too).")
 
 
 class BadInput(ValueError):
@@ -195,6 +197,25 @@ def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | Non
         raise BadInput(f"--top-p must be in (0, 1] (got {top_p})")
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise BadInput(f"--seed must be between -2**63 and 2**64-1 (got {seed})")
+
+
+def check_device(device: str, dtype: str):
+    """The torch device and dtype of --device and --dtype, or one line saying what is missing."""
+    import torch  # as in evict_config: every caller has imported it by now
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BadInput(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise BadInput(f"device {device!r} cannot run lqc: use cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"device {device!r} is not available here (no CUDA): use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BadInput(f"device {device!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInput("device 'mps' is not available here: use --device cpu")
+    return dev, getattr(torch, dtype)
 
 
 def flag_name(field: str) -> str:

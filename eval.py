@@ -51,7 +51,6 @@ if __name__ == "__main__":
 import torch
 
 import decoding as D
-import generate as G
 import lqc
 import model as M
 from cache_limit import EVICT_EVERY, Evictor
@@ -878,7 +877,7 @@ SUITE = dict(tasks=list(ruler.SUITE), lengths=[4096, 8192, 16384], depths=[0.1, 
 
 def parse_args(argv=None):
     p = cli.ArgParser(description="Evaluate KV-cache eviction methods on long-context retrieval and fidelity. "
-                                  + G.WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
+                                  + cli.WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
     p.add_argument("--ckpt", default="smollm2", help="short name, .gguf file, HF directory or hub id")
     p.add_argument("--suite", choices=["ruler"],
                    help="the RULER-style suite (ruler.py): " + ", ".join(ruler.SUITE) + "; scored as RULER does (share "
@@ -999,7 +998,7 @@ def main(args) -> dict:
     notes = check_args(args)
     budgets = sorted(args.budgets)
     tasks = load_longbench(args.data, args.limit) if args.data else None
-    dev, dt = G.check_device(args.device, args.dtype)
+    dev, dt = cli.check_device(args.device, args.dtype)
     resume = args.suite and not args.overwrite and (Path(args.out) / "results.jsonl").is_file()
     out = cli.check_out(args.out, args.overwrite or resume)
     model, tok = load(args.ckpt, dev, dt)

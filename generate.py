@@ -18,9 +18,7 @@ from functools import partial
 import cli
 
 if __name__ == "__main__":
-    cli.quiet_ctrl_c()  # before the slow imports below
-
-import torch
+    cli.quiet_ctrl_c()  # before the slow imports below (torch, through lqc)
 
 import lqc
 from cache_limit import EVICT_EVERY, check_limit
@@ -49,7 +47,6 @@ before noon. In the summer a ferry carries travellers to the island of Carrow, a
 minutes when the sea is quiet.
 
 Question: Who keeps the lighthouse in Wrenmouth, and what colour is its door?"""
-
 
 
 class Streamer:
@@ -146,13 +143,9 @@ class StreamAfterProgress:
         self.streamer(ids)
 
 
-WINDOW_RULE = ("A window is part of the budget: --window or --window-laqpp above --budget is clamped to the budget "
-               "(a note on stderr says so), and a --budget at least the prompt's length evicts nothing (a note too).")
-
-
 def parse_args(argv=None):
     p = cli.ArgParser(description="Generate text with a Llama-family model and KV-cache eviction after prefill. "
-                                  + WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
+                                  + cli.WINDOW_RULE + " Bad input ends with one line on stderr and exit code 2.")
     p.add_argument("--ckpt", default="smollm2", help="short name (smollm2, llama, ...), .gguf file, HF directory or hub id")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt (default: stdin when it is not a terminal, else the demo prompt)")
@@ -218,22 +211,6 @@ def read_prompt(prompt, prompt_file, demo) -> str:
     return cli.read_stdin_text()
 
 
-def check_device(device: str, dtype: str):
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BadInput(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise BadInput(f"device {device!r} cannot run lqc: use cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"device {device!r} is not available here (no CUDA): use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise BadInput(f"device {device!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise BadInput("device 'mps' is not available here: use --device cpu")
-    return dev, getattr(torch, dtype)
-
-
 def check_context(prompt_tokens: int, max_new_tokens: int, cfg: lqc.EvictConfig, limit: int):
     """After tokenizing, before prefill: every position the run will use must exist."""
     if prompt_tokens + max_new_tokens > limit:
@@ -255,7 +232,6 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
     cli.check_sampling(temperature, top_k, top_p, seed)
     notes = []
     cli.positive("--evict-every", evict_every)  # checked with or without --cache-limit, as --draft-len without --verify
-    cli.positive("--cache-limit", cache_limit)
     cfg = cli.evict_config(method=method, budget=budget, window=window, window_laqpp=window_laqpp, lookahead=lookahead,
                            kernel=pool_kernel, pool=pool, notes=notes, cache_limit=cache_limit)
     verify = None if verify == "none" else verify  # the CLI's word for run_batch's None
@@ -268,7 +244,7 @@ def main(ckpt, prompt, prompt_file, demo, answer_prefix, max_new_tokens, tempera
     text = read_prompt(prompt, prompt_file, demo).rstrip()  # a file's or echo's final newline is not part of the question
     if not text.strip():
         raise BadInput("the prompt is empty: give --prompt, --prompt-file, text on stdin, or --demo for the built-in one")
-    dev, dt = check_device(device, dtype)
+    dev, dt = cli.check_device(device, dtype)
     model, tok = load(ckpt, dev, dt)
     if chat and not tok.chat_format:
         raise cli.BadInput(f"--chat: {ckpt} has no chat template lqc knows (ChatML, Llama 2/3, Phi-3): use --no-chat")

@@ -1,7 +1,7 @@
 """lqc's other files from anywhere, once lqc is pip-installed: `from lqc_modules import checkpoint,
-generate`; and the console scripts lqc-generate, lqc-eval, lqc-bench.
+decoding`; and the console scripts lqc-generate, lqc-eval, lqc-bench.
 
-In the clone, cli.py, model.py, tokenizer.py, checkpoint.py, generate.py, eval.py and bench.py import one
+In the clone, cli.py, model.py, tokenizer.py, checkpoint.py, decoding.py, generate.py, eval.py and bench.py import one
 another by bare names (`import model`): that keeps the repo flat and `python generate.py` working.
 Installed, those generic names must not become top-level modules in site-packages, or a user's
 own model.py or eval.py would be shadowed by ours (or ours by theirs). So a wheel ships the files

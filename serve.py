@@ -39,7 +39,6 @@ if __name__ == "__main__":
 import torch
 
 import decoding as D
-import generate as G
 import lqc
 import model as M
 import ruler
@@ -261,9 +260,10 @@ class Server:
         if self.evictor is not None:  # a slot evicts while decoding: any request fits, if the rule is the slots'
             rule = self.evictor.cfg
             if (req.cfg.method, req.cfg.window) != (rule.method, rule.window):
-                return (f"method {req.cfg.method!r} (window {req.cfg.window}): with --cache-limit every slot evicts while "
-                        f"decoding by one rule, --method {rule.method} with window {rule.window}; drop the request's "
-                        "'method' or raise its 'budget' to the window, or serve it in another run")
+                return (f"method {req.cfg.method!r} with window {req.cfg.window}: with --cache-limit every slot evicts "
+                        f"while decoding by one rule, --method {rule.method} with window {rule.window} (a budget below "
+                        "--window narrows it); give the request the flags' method, and a budget that clamps the window "
+                        "as --budget does, or serve it in another run")
             return None
         need = req.holds(self.model.args.n_layers)
         if need > self.capacity:
@@ -396,8 +396,9 @@ def plan_slots(model, requests: list[Request], kv_memory: int, default: lqc.Evic
     per_slot = slot_bytes(model, capacity, kv_bits)
     slots = kv_memory // per_slot
     if slots < 1:
+        lower = "--cache-limit" if cache_limit is not None else "--budget / --max-new-tokens"
         raise BadInput(f"--kv-memory {kv_memory / 1e6:.1f} MB holds no slot: one slot of {capacity} entries takes "
-                       f"{per_slot / 1e6:.1f} MB with this model; raise it, or lower --budget / --max-new-tokens")
+                       f"{per_slot / 1e6:.1f} MB with this model; raise it, or lower {lower}")
     return int(slots), capacity
 
 
@@ -473,7 +474,6 @@ def check_args(args, notes: list) -> lqc.EvictConfig:
     args.flags = {k: getattr(args, k) for k in ("method", "budget", "window", "window_laqpp", "lookahead", "max_new_tokens",
                                               "cache_limit")}
     cli.positive("--evict-every", args.evict_every)  # checked with or without --cache-limit, as in generate.py
-    cli.positive("--cache-limit", args.cache_limit)
     cfg = cli.evict_config(method=args.method, budget=args.budget, window=args.window, window_laqpp=args.window_laqpp,
                            lookahead=args.lookahead, notes=notes, cache_limit=args.cache_limit)
     if args.cache_limit is not None:
@@ -681,7 +681,7 @@ def bench(args, default, model, tok):
 def main(args):
     notes = []
     cfg = check_args(args, notes)
-    dev, dt = G.check_device(args.device, args.dtype)
+    dev, dt = cli.check_device(args.device, args.dtype)
     for line in notes:  # all input is checked: what lqc does with it
         cli.note("serve.py", line)
     model, tok = load(args.ckpt, dev, dt)

@@ -210,7 +210,6 @@ BEFORE_MODEL = [
     ("bench.py", ["--peers", "--peer-budget", "0"], "--peer-budget must be > 0 and below every --lengths"),
     ("bench.py", ["--peers", "--cache-limit", "64"], "--peers and --cache-limit are two separate runs"),
     ("generate.py", ["--evict-every", "0"], "--evict-every must be > 0"),  # with or without --cache-limit, as --draft-len
-    ("generate.py", ["--draft-len", "0"], "--draft-len must be > 0"),
     ("bench.py", ["--peer-tokens", "0"], "--peer-tokens must be >= 1"),
     ("eval.py", ["--prefill-chunk", "0"], "--prefill-chunk must be > 0"),
     ("bench.py", ["--lengths", "64", "64"], "--lengths lists a value twice"),

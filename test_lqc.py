@@ -21,7 +21,8 @@ import lqc
 import model as M
 import tiny_models
 import tokenizer as T
-from steps import FastPath, make_step, model_step, query_step
+from sampling import Sampling, probs, sample
+from steps import FastPath, make_step, model_step, query_step, to_static
 from tiny_models import TEXT, rand_ids, save_hf_dir, tiny, train_bpe_tokenizer, train_spm  # re-exported to the other tests
 
 ROOT = Path(__file__).parent
@@ -148,6 +149,47 @@ def test_llama3_rope_scaling_matches_reference_formula():
     assert torch.allclose(inv[wavelen < 8192 / 4], base[wavelen < 8192 / 4].float())  # high freq kept
     assert torch.allclose(inv[wavelen > 8192], (base[wavelen > 8192] / 32).float())  # low freq slowed
     assert inv.shape == (32,)
+
+
+def test_linear_rope_scaling_rotates_position_factor_p_as_p():
+    """Linear scaling (position interpolation), as config.json and GGUF write it: position 4p
+    rotates as p does without scaling."""
+    plain = M.ModelArgs(**{**M.PRESETS["tiny"], "head_dim": 16})
+    config = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  vocab_size=320, head_dim=16, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    scaled = C.args_from_hf_config(config)
+    assert scaled.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    pos = torch.arange(0, 4000, 4)[None]
+    for a, b in zip(M.rope_cos_sin(M.rope_inv_freq(scaled), pos, torch.float32),
+                    M.rope_cos_sin(M.rope_inv_freq(plain), pos // 4, torch.float32)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(M.rope_inv_freq(scaled), M.rope_inv_freq(plain))
+
+
+def test_top_k_and_top_p_draw_only_from_what_they_keep():
+    logits = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).log()
+    cases = [(dict(top_k=2), [0.5, 0.2]),
+             (dict(top_p=0.8), [0.5, 0.2, 0.15]),  # 0.5 + 0.2 < 0.8: the third is needed to reach it
+             (dict(top_p=0.45), [0.5]),  # the first alone reaches it
+             (dict(top_k=3, top_p=0.6), [0.5, 0.2])]  # top-p over top-k's renormalized 0.59, 0.24, 0.18
+    gen = torch.Generator().manual_seed(0)
+    for kw, kept in cases:
+        s = Sampling(temperature=1.0, **kw)
+        want = torch.zeros(5)
+        want[:len(kept)] = torch.tensor(kept) / sum(kept)
+        torch.testing.assert_close(probs(logits, s)[0], want)
+        drawn = {int(sample(logits, s, gen)) for _ in range(200)}
+        assert drawn == set(range(len(kept))), kw  # every kept token comes up, no other
+    assert probs(logits * 2, Sampling(temperature=2.0)).allclose(probs(logits, Sampling(temperature=1.0)))
+
+
+def test_static_cache_overflow_is_a_clear_error():
+    model = tiny(4, 2)
+    static = to_static(model, D.prefill(model, rand_ids(model, 10)).cache, extra=2, flex=False)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2]]), torch.tensor([[10, 11]]), static)  # fills the room
+        with pytest.raises(ValueError, match="the static cache is full: 12 of 12 slots"):
+            model(torch.tensor([[3]]), torch.tensor([[12]]), static)
 
 
 @pytest.mark.parametrize("shards,tokenizer", [(1, "json"), (3, "json"), (2, "spm")])

@@ -67,7 +67,7 @@ def test_under_a_cache_limit_every_request_equals_the_request_alone(method):
     evictor's state): each answer equals `decoding.run` alone with the same limit, token for token."""
     model = tiny(4, 2, n_layers=2)
     limit, every = 14, 4
-    lengths, budgets = [30, 9, 45, 20, 33, 12], [8, 20, 12, 8, 10, 16]
+    lengths, budgets = [30, 3, 45, 20, 33, 12], [8, 20, 12, 8, 10, 16]  # 3: a prompt shorter than the window
     cfgs = [lqc.EvictConfig(method=method, budget=b, window=4, window_laqpp=2, lookahead=3) for b in budgets]
     max_new = [24, 16, 30, 5, 22, 18]
     requests = requests_for(model, cfgs, lengths, [0, 0, 0, 0, 40.0, 40.0], max_new)

@@ -1,9 +1,10 @@
 """Adding a method is one entry in lqc.METHODS plus its score function: a toy method, added here
-and nowhere else, runs through generate (prompt eviction, a cache limit, the fast path), eval and
-bench."""
+and nowhere else, runs through generate (prompt eviction, a cache limit, the fast path), eval,
+bench and serve."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ import eval as E
 import decoding as D
 import generate as G
 import lqc
-from test_lqc import TEXT, save_hf_dir, tiny
+import serve as S
+from test_lqc import TEXT, rand_ids, save_hf_dir, tiny
 
 
 def score_key_norm(k: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -78,3 +80,21 @@ def test_toy_method_through_eval_and_bench(toy, ckpt, tmp_path):
     row = next(r for r in result["rows"] if r["budget"] == 16)
     assert row["evict_toy"] > 0 and row["evict_snapkv"] > 0  # eviction time as a share of prefill
     assert any(r["method"] == "toy" for r in result["end_to_end"])
+
+
+@pytest.mark.parametrize("limit", [None, 12])
+def test_toy_method_through_serve(toy, limit):
+    """Slots sized by the entry (budget + answer), or by a cache limit with the entry's decode-time
+    rule: each request's answer equals the request alone."""
+    model = tiny(4, 2, n_layers=2)
+    cfg = lqc.EvictConfig(method="toy", budget=8)
+    reqs = [S.Request(i, i + 1, rand_ids(model, n, i)[0].tolist(), cfg, 10) for i, n in enumerate([30, 20, 40])]
+    capacity = limit or S.plan_slots(model, reqs, 10**9, cfg, 10)[1]
+    server = S.Server(model, SimpleNamespace(eos_ids=(), decode=lambda ids: ""), n_slots=2, capacity=capacity,
+                      limit_cfg=cfg if limit else None, evict_every=4)
+    records = {}
+    server.run(reqs, lambda rec: records.update({rec["id"]: rec}))
+    for r in reqs:
+        alone, _ = D.run(model, r.ids, cfg, max_new_tokens=10, reuse=False, cache_limit=limit, evict_every=4)
+        assert records[r.id]["token_ids"] == alone
+    assert capacity == (12 if limit else 8 + 10)

@@ -11,7 +11,7 @@ The same steps by hand: decoding.prefill -> decoding.evict (lqc.plan_eviction) -
 from pathlib import Path
 
 import lqc
-from lqc_modules import checkpoint, cli, decoding, generate  # lqc's files, under private names
+from lqc_modules import checkpoint, cli, decoding  # lqc's files, under private names
 
 DOC = Path(__file__).parent / "doc.txt"  # a document whose last line is a question
 
@@ -19,7 +19,7 @@ DOC = Path(__file__).parent / "doc.txt"  # a document whose last line is a quest
 def answer(ckpt: str, method: str, budget: int, max_new_tokens: int, device: str, dtype: str) -> str:
     cfg = cli.evict_config(method=method, budget=budget)  # window, lookahead, pooling: keyword fields
     cli.positive("--max-new-tokens", max_new_tokens)
-    dev, dt = generate.check_device(device, dtype)  # a bad flag is one line, before any model work
+    dev, dt = cli.check_device(device, dtype)  # a bad flag is one line, before any model work
     model, tok = checkpoint.load(ckpt, dev, dt)
     ids = tok.prompt_ids(DOC.read_text().strip(), chat=tok.chat_format is not None)
     out, stats = decoding.run(model, ids, cfg, max_new_tokens=max_new_tokens, eos_ids=tok.eos_ids)
