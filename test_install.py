@@ -15,7 +15,7 @@ import lqc_modules
 from test_lqc import save_hf_dir, tiny
 
 ROOT = Path(__file__).resolve().parent
-SCRIPTS = ("lqc-generate", "lqc-eval", "lqc-bench")
+SCRIPTS = ("lqc-generate", "lqc-eval", "lqc-bench", "lqc-serve")
 
 # From a user's folder holding its own model.py and eval.py: ours must neither shadow nor use them.
 USER_CHECK = """
@@ -110,3 +110,6 @@ def test_pip_install_keeps_generic_names_free(wheel, tmp_path, editable):
     gen = run([tmp_path / "venv" / "bin" / "lqc-generate", "--ckpt", ckpt, "--prompt", "the lighthouse keeper",
                "--method", "laq", "--budget", "8", "--window", "4", "--max-new-tokens", "3"], cwd=user)
     assert gen.stderr.startswith("[laq] prompt "), gen.stderr  # the summary line alone
+    served = run([tmp_path / "venv" / "bin" / "lqc-serve", "--ckpt", ckpt, "--bench", "--kv-memory", "1KB"], cwd=user,
+                 check=False)
+    assert served.returncode == 2 and "holds no slot" in served.stderr, served.stderr  # serve.py, with its own checks
