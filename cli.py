@@ -45,7 +45,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         d = action.default
-        if d is None or d is False or d is argparse.SUPPRESS or "default" in (action.help or ""):
+        if d is None or d is False or d == "" or d is argparse.SUPPRESS or "default" in (action.help or ""):
             return action.help
         shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)  # as one would type it
         return f"{action.help or ''} (default: {shown.replace('%', '%%')})"

@@ -260,10 +260,10 @@ class Server:
         if self.evictor is not None:  # a slot evicts while decoding: any request fits, if the rule is the slots'
             rule = self.evictor.cfg
             if (req.cfg.method, req.cfg.window) != (rule.method, rule.window):
-                return (f"method {req.cfg.method!r} with window {req.cfg.window}: with --cache-limit every slot evicts "
-                        f"while decoding by one rule, --method {rule.method} with window {rule.window} (a budget below "
-                        "--window narrows it); give the request the flags' method, and a budget that clamps the window "
-                        "as --budget does, or serve it in another run")
+                return (f"method {req.cfg.method!r} with observation window {req.cfg.window}: with --cache-limit every "
+                        f"slot evicts while decoding by one rule, --method {rule.method} with window {rule.window} "
+                        "(--window, narrowed by a budget below it); give the request the flags' method, and a budget "
+                        "that clamps the window as --budget does, or serve it in another run")
             return None
         need = req.holds(self.model.args.n_layers)
         if need > self.capacity:
@@ -320,7 +320,7 @@ class Server:
         if self.evictor is None:  # PyramidKV / Ada-KV: no layer or head keeps more than the slot holds besides the answer
             cfg = replace(req.cfg, cap=max(self.capacity - req.max_new_tokens, req.cfg.budget))
         else:  # the prompt keeps at most the limit, as generate.py --cache-limit does
-            cfg = replace(req.cfg, budget=min(req.cfg.budget, self.capacity), cap=self.capacity)
+            cfg = replace(req.cfg, budget=self.kept_budget(req), cap=self.capacity)
         cache, _ = D.evict(cfg, self.model, pre, eos_ids=self.tok.eos_ids)
         self.cache.load(slot, cache)
         if self.evictor is not None:
@@ -333,6 +333,10 @@ class Server:
         if self.append(act, first):
             self.finish(slot, clock, on_done)
         return None
+
+    def kept_budget(self, req: Request) -> int:
+        """The budget the request's prompt was evicted with: a cache limit below it is what the prompt keeps."""
+        return req.cfg.budget if self.evictor is None else min(req.cfg.budget, self.capacity)
 
     def append(self, act: Active, token: int) -> bool:
         """Add a token to a request's answer; whether the request is finished."""
@@ -375,7 +379,7 @@ class Server:
         gaps = [b - a for a, b in zip(s.times, s.times[1:])]
         on_done({"id": s.req.id, "line": s.req.line, "text": self.tok.decode(s.out[:s.eos_at]), "token_ids": s.out,
                  "method": s.req.cfg.method,
-                 "budget": s.req.cfg.budget if s.req.cfg.method != "full" else None,
+                 "budget": self.kept_budget(s.req) if s.req.cfg.method != "full" else None,
                  "prompt_tokens": len(s.req.ids), "new_tokens": len(s.out), "arrival_s": s.req.arrival,
                  "ttft_s": s.times[0] - s.req.arrival, "latency_s": s.times[-1] - s.req.arrival,
                  "itl_ms": [1000 * g for g in gaps]})
@@ -410,15 +414,20 @@ def parse_args(argv=None):
                                   "ends with one line on stderr and exit code 2; a bad request line gets an error "
                                   "record in --out and the others go on.")
     p.add_argument("--ckpt", default="smollm2", help="short name (smollm2, qwen0.5b, ...), .gguf file, HF directory or hub id")
-    p.add_argument("--requests", help="JSONL of requests (see the module docstring); not with --bench")
-    p.add_argument("--out", help="JSONL of answers, one line per request as it finishes; a rerun skips answered lines")
+    p.add_argument("--requests", help='JSONL, one request a line: {"id": ..., "prompt": "..."} or {"id": ..., "messages": '
+                                      '[{"role": "user", "content": "..."}]}, optionally with its own "method", "budget", '
+                                      '"max_new_tokens", "arrival" (seconds); not with --bench')
+    p.add_argument("--out", help="JSONL of answers, one line per request as it finishes; a rerun skips the lines already "
+                                 "answered there, whatever flags answered them (use a new file for new flags)")
     p.add_argument("--kv-memory", default="256MB", help="bytes for the KV cache of all slots together (e.g. 64MB, 1.5GB)")
-    p.add_argument("--method", default="laqpp", choices=lqc.method_names(), help="the default eviction policy")
-    p.add_argument("--budget", type=int, default=256, help="the default kept prompt entries per KV head per layer")
+    p.add_argument("--method", default="laqpp", choices=lqc.method_names(),
+                   help="the eviction policy of requests that name none")
+    p.add_argument("--budget", type=int, default=256,
+                   help="kept prompt entries per KV head per layer, for requests that give none")
     p.add_argument("--window", type=int, default=32, help="observation / recent window, as in generate.py")
     p.add_argument("--window-laqpp", type=int, default=8, help="prompt-suffix queries of LAQ++")
     p.add_argument("--lookahead", type=int, default=8, help="pseudo tokens of LAQ / LAQ++")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="the default answer length, > 0")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length of requests that give none, > 0")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward; running requests "
                                                                    "decode one token between two chunks")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -438,7 +447,8 @@ def parse_args(argv=None):
     p.add_argument("--static-batches", action="store_true",
                    help="admit a new batch only when every slot is free (the padded static batching baseline)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights, activations and KV entries (unless --kv-bits 8)")
     b = p.add_argument_group(
         "--bench: the economics table on generated RULER-style requests",
         "Each row serves the same stream in the same --kv-memory; every request decodes --max-new-tokens "
@@ -480,6 +490,9 @@ def check_args(args, notes: list) -> lqc.EvictConfig:
         if args.bench:
             raise BadInput("--cache-limit applies to --requests: --bench rows size their slots by method and budget")
         check_limit(cfg, args.cache_limit, args.evict_every, None, kv_bits=args.kv_bits)
+        if args.budget > args.cache_limit:
+            notes.append(f"--budget {args.budget} > --cache-limit {args.cache_limit}: prompts keep at most "
+                         f"{args.cache_limit} entries per KV head (the records say so)")
     if args.bench:
         check_bench(args)
     if args.requests is not None:
@@ -525,12 +538,13 @@ def serve(args, cfg, model, tok):
                     compile=args.compile, static=args.static_batches, kv_bits=args.kv_bits,
                     limit_cfg=cfg if args.cache_limit is not None else None, evict_every=args.evict_every)
     refusals = {r.line: server.fits(r) for r in requests}
-    errors += [{"id": r.id, "line": r.line, "error": refusals[r.line]} for r in requests if refusals[r.line]]
+    errors += [{"id": r.id, "line": r.line, "error": f"line {r.line}: {refusals[r.line]}"} for r in requests if refusals[r.line]]
     for e in sorted(errors, key=lambda e: e["line"]):
         cli.append_line(out, e)
     ok = [r for r in requests if refusals[r.line] is None]
     cli.note("serve.py", f"{n_slots} slots of {capacity} entries per KV head ({n_slots * slot_bytes(model, capacity, args.kv_bits) / 1e6:.1f} "
-                         f"MB of --kv-memory); {len(ok)} requests to serve, {len(errors)} refused, {len(done)} done before")
+                         f"MB of --kv-memory); {len(ok)} request{'s' * (len(ok) != 1)} to serve, {len(errors)} refused, "
+                         f"{len(done)} answered in --out before (kept, whatever flags answered them)")
     finished = [0]
 
     def on_done(rec):

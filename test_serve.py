@@ -79,6 +79,7 @@ def test_under_a_cache_limit_every_request_equals_the_request_alone(method):
         alone, stats = D.run(model, r.ids, r.cfg, max_new_tokens=r.max_new_tokens, reuse=False, cache_limit=limit,
                              evict_every=every)
         assert out[r.id]["token_ids"] == alone, f"request {r.id}"
+        assert out[r.id]["budget"] == min(r.cfg.budget, limit)  # what the prompt kept, not what was asked
     assert stats.limit_evictions > 0  # the last request evicted while decoding alone too
 
 
