@@ -39,7 +39,9 @@ class Evictor:
     pos, cache) -> (logits, queries per layer)` to keep the queries the rule reads: the last
     `window` decode queries (seeded with the last prompt queries), or, for H2O, the queries since
     their attention mass was last added to each entry's total (every `every` steps and before each
-    eviction: exact, since no entry a query saw leaves the cache before its mass is counted).
+    eviction: exact, since no entry a query saw leaves the cache before its mass is counted). H2O's
+    schedule is each row's own (`pending`), and a row's mass is computed on that row alone, so a
+    row's totals are the same sums, added in the same order, as when it decodes alone.
     A draft's tokens (LAQ's reuse) are fed in one forward without queries: they miss the ring.
     A server (serve.py) starts it with no prompt (`obs=None`) and seeds each slot's row with `admit`."""
 
@@ -52,6 +54,7 @@ class Evictor:
         self.seconds, self.evictions = 0.0, 0
         self.mass = None
         self.queries = deque(maxlen=None if self.needs_mass else cfg.window)  # (per layer [B, H_q, 1, D], pos [B, 1])
+        self.pending = [0] * cache.k[0].shape[0]  # H2O: per row, the newest entries of `queries` its mass lacks
         if obs is None:
             return
         if self.needs_mass:  # the prompt queries' mass, moved to the decode cache's layout
@@ -64,17 +67,19 @@ class Evictor:
         logits, q = self.inner(tokens, pos, cache)
         if self.needs_mass or self.needs_queries:
             self.queries.append((q, pos))  # fresh tensors: make_step copies them out of a CUDA graph
+            self.pending = [p + 1 for p in self.pending]
         return logits, q
 
     def __call__(self, cache, n: int = 1):
         # [B]: a row is evicted when it is full, as alone (a finished row too: each round still
         # writes its n entries before rewinding them)
         full = cache.kept().amax(dim=(0, 2)) + n > self.limit
-        if full.any() or self.needs_mass and len(self.queries) >= self.every:
+        due = [r for r, (f, p) in enumerate(zip(full.tolist(), self.pending)) if f or p >= self.every]
+        if full.any() or self.needs_mass and due:
             sync(cache.k[0].device)
             t = time.perf_counter()
             if self.needs_mass:
-                self.add_mass(cache)
+                self.add_mass(cache, due)
             if full.any():
                 self.evict(cache, self.limit - max(self.every, n), rows=None if full.all() else full)
             sync(cache.k[0].device)
@@ -90,9 +95,8 @@ class Evictor:
                 self.mass = [p.new_zeros(p.shape, dtype=torch.float32) for p in cache.pos]
             for m, pm, pp, p in zip(self.mass, obs.mass, prompt_pos, cache.pos):
                 m[row] = lqc.carry(pm, pp, p[row:row + 1])[0]
-            # queries not yet added to the mass: the earlier occupant's, none of this row's
-            self.queries = deque((q, pos.index_fill(0, torch.tensor([row], device=pos.device), -1))
-                                 for q, pos in self.queries)
+            self.pending[row] = 0  # the queries not yet added are the earlier occupant's
+            self.trim()
         elif self.needs_queries:
             w, S = self.cfg.window, cache.k[0].shape[0]
             if len(self.queries) < w:  # a fresh server: the ring padded to its length with "no query" in every row
@@ -112,12 +116,25 @@ class Evictor:
         qs, pos = zip(*self.queries)
         return [torch.cat(q, dim=2) for q in zip(*qs)], torch.cat(pos, dim=1)
 
-    def add_mass(self, cache):
-        if not self.queries:
-            return
-        q, q_pos = self.stacked_queries()
-        self.mass = [lqc.accumulate_mass(m, ql, k, q_pos, p) for m, ql, k, p in zip(self.mass, q, cache.k, cache.pos)]
-        self.queries.clear()
+    def add_mass(self, cache, rows: list):
+        """Add the pending queries' attention mass of each row in `rows`, one row at a time."""
+        for r in rows:
+            entries = list(self.queries)[len(self.queries) - self.pending[r]:]
+            if not entries:
+                continue
+            q = [torch.cat([e[0][l][r:r + 1] for e in entries], dim=2) for l in range(len(self.mass))]  # [1, H_q, n, D]
+            q_pos = torch.cat([e[1][r:r + 1] for e in entries], dim=1)  # [1, n]
+            for l, (k, p) in enumerate(zip(cache.k, cache.pos)):
+                m = F.pad(self.mass[l], (0, k.shape[2] - self.mass[l].shape[-1]))  # a readable cache grows
+                m[r:r + 1] = lqc.accumulate_mass(m[r:r + 1], q[l], k[r:r + 1], q_pos, p[r:r + 1])
+                self.mass[l] = m
+            self.pending[r] = 0
+        self.trim()
+
+    def trim(self):
+        """Drop the ring's entries that every row's mass has counted."""
+        while len(self.queries) > max(self.pending, default=0):
+            self.queries.popleft()
 
     def evict(self, cache, keep: int, rows: torch.Tensor | None = None):
         q, q_pos = self.stacked_queries() if self.needs_queries else (None, None)
