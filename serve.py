@@ -401,8 +401,8 @@ def plan_slots(model, requests: list[Request], kv_memory: int, default: lqc.Evic
     slots = kv_memory // per_slot
     if slots < 1:
         lower = "--cache-limit" if cache_limit is not None else "--budget / --max-new-tokens"
-        raise BadInput(f"--kv-memory {kv_memory / 1e6:.1f} MB holds no slot: one slot of {capacity} entries takes "
-                       f"{per_slot / 1e6:.1f} MB with this model; raise it, or lower {lower}")
+        raise BadInput(f"--kv-memory {kv_memory / 1e3:,.0f} KB holds no slot: one slot of {capacity} entries takes "
+                       f"{per_slot / 1e3:,.0f} KB with this model; raise it, or lower {lower}")
     return int(slots), capacity
 
 
@@ -661,6 +661,12 @@ def check_bench(args):
         raise BadInput("--rates must be > 0 requests per second (inf: all at once)")
 
 
+def bench_requests(tok, args, rate: float, cfg: lqc.EvictConfig) -> list[Request]:
+    """The --bench stream: every answer --max-new-tokens long (one load for every row)."""
+    reqs = suite_requests(tok, n=args.requests_n, length=args.length, rate=rate, default=cfg)
+    return [replace(r, max_new_tokens=args.max_new_tokens) for r in reqs]
+
+
 def bench(args, default, model, tok):
     out = Path(args.out) if args.out else None
 
@@ -668,6 +674,9 @@ def bench(args, default, model, tok):
         if out:
             # the flags as given (row_list holds their parsed Rows)
             cli.write_json(out, {"args": {k: v for k, v in vars(args).items() if k != "row_list"}, "rows": results})
+    for row in args.row_list:  # every row's slots before the table starts: a row that fits none is one line
+        plan_slots(model, bench_requests(tok, args, math.inf, row.cfg), args.kv_bytes, row.cfg, args.max_new_tokens,
+                   row.kv_bits)
     print(f"serve.py --bench: {args.ckpt}, {args.requests_n} requests of ~{args.length} tokens, "
           f"--kv-memory {args.kv_memory}, answers up to {args.max_new_tokens} tokens\n")
     print("| rate/s | row | " + " | ".join(c for c, _ in COLUMNS) + " |")
@@ -675,16 +684,12 @@ def bench(args, default, model, tok):
     results = []
     for rate in args.rates:
         for row in args.row_list:
-            reqs = suite_requests(tok, n=args.requests_n, length=args.length, rate=rate, default=row.cfg)
-            reqs = [replace(r, max_new_tokens=args.max_new_tokens) for r in reqs]  # one load: every answer as long
-            res = bench_row(model, tok, reqs, row, args)
+            res = bench_row(model, tok, bench_requests(tok, args, rate, row.cfg), row, args)
             results.append({"rate": rate, "row": row.name, **res})
             print(f"| {rate:g} | {row.name} | " + " | ".join(f.format(res[c]) for c, f in COLUMNS) + " |", flush=True)
             save()
     if args.peers:  # all at once, as the peer serves a batch: compare with the rows at rate inf
-        reqs = [replace(r, max_new_tokens=args.max_new_tokens)
-                for r in suite_requests(tok, n=args.requests_n, length=args.length, rate=math.inf, default=default)]
-        res = transformers_row(model, tok, reqs, args)
+        res = transformers_row(model, tok, bench_requests(tok, args, math.inf, default), args)
         results.append({"rate": math.inf, "row": "transformers full (static batches)", **res})
         print(f"\ntransformers generate, full cache, left-padded batches of {res['slots']} (all at once): "
               f"{res['tok_s']:.1f} tok/s over {res['span_s']:.0f} s, acc {res['acc']:.2f}", flush=True)
