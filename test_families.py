@@ -15,7 +15,8 @@ import checkpoint as C
 import decoding as D
 import lqc
 from test_checkpoint import edit_gguf
-from test_lqc import add_gguf_tokenizer, rand_ids, run_cli, small_cfg, train_bpe_tokenizer
+from test_cli import run_main
+from test_lqc import add_gguf_tokenizer, rand_ids, small_cfg, train_bpe_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,11 +145,12 @@ def test_chat_frame_and_eos_match_the_family(family):
         assert tok.system_prompt is None  # no default system turn is invented
 
 
-def test_cli_runs_the_family(family):
+def test_cli_runs_the_family(family, tmp_path, capsys):
+    """generate.py's main in this process (test_lqc runs one real process)."""
     _, path, *_ = family
-    r = run_cli("--ckpt", str(path), "--prompt", "quick zebras", "--method", "laqpp", "--budget", "8", "--window", "4",
-                "--window-laqpp", "2", "--max-new-tokens", "3")
-    assert r.returncode == 0 and "KV kept" in r.stderr.strip().splitlines()[-1], r.stderr
+    code, _, err = run_main("generate.py", ["--prompt", "quick zebras", "--method", "laqpp", "--budget", "8", "--window",
+                                            "4", "--window-laqpp", "2", "--max-new-tokens", "3"], str(path), tmp_path, capsys)
+    assert code == 0 and "KV kept" in err.strip().splitlines()[-1], err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,12 +216,13 @@ def edit_config(path, **changes):
     (path / "config.json").write_text(json.dumps({**cfg, **changes}))
 
 
-def test_phi3_longrope_is_refused_in_one_line(tmp_path):
+def test_phi3_longrope_is_refused_in_one_line(tmp_path, capsys):
     hf, _ = build("phi3", tmp_path / "d")
     edit_config(tmp_path / "d", rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
-    r = run_cli("--ckpt", str(tmp_path / "d"), "--prompt", "hi")
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and "longrope" in lines[0] and "Traceback" not in r.stderr
+    capsys.readouterr()  # transformers' progress bars while saving
+    code, _, err = run_main("generate.py", ["--prompt", "hi"], str(tmp_path / "d"), tmp_path, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "longrope" in lines[0] and "Traceback" not in err
     path = save_family_gguf(hf, "phi3", tmp_path / "p.gguf")
     long = edit_gguf(path, tmp_path / "long.gguf", tensors={"rope_factors_long.weight": np.ones(8, np.float32)})
     with pytest.raises(C.CheckpointError, match="rope_factors_long.weight.*LongRoPE"):
@@ -232,7 +235,7 @@ def test_phi3_longrope_is_refused_in_one_line(tmp_path):
     ("qwen2", {"use_sliding_window": True, "sliding_window": 48, "max_window_layers": 1,
                "layer_types": ["full_attention", "sliding_attention"]}),
 ])
-def test_sliding_window_limits_the_context(tmp_path, name, window_config):
+def test_sliding_window_limits_the_context(tmp_path, name, window_config, capsys):
     """A window shorter than the context is never ignored: the context is limited to the window,
     where sliding-window attention is exactly full attention (checked against transformers with
     the window on), and a longer prompt is refused in one line."""
@@ -246,6 +249,8 @@ def test_sliding_window_limits_the_context(tmp_path, name, window_config):
     ids = rand_ids(ours, 48, 5)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, torch.arange(48)[None], ours.new_cache()), hf(ids).logits, atol=1e-4, rtol=0)
-    r = run_cli("--ckpt", str(tmp_path / "d"), "--prompt", "zebra " * 60, "--max-new-tokens", "2")
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and "context of 48" in lines[0], r.stderr
+    capsys.readouterr()  # transformers' progress bars while saving
+    code, _, err = run_main("generate.py", ["--prompt", "zebra " * 60, "--max-new-tokens", "2"], str(tmp_path / "d"),
+                            tmp_path, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "context of 48" in lines[0], err
