@@ -40,8 +40,9 @@ class Evictor:
     `window` decode queries (seeded with the last prompt queries), or, for H2O, the queries since
     their attention mass was last added to each entry's total (every `every` steps and before each
     eviction: exact, since no entry a query saw leaves the cache before its mass is counted). H2O's
-    schedule is each row's own (`pending`), and a row's mass is computed on that row alone, so a
-    row's totals are the same sums, added in the same order, as when it decodes alone.
+    schedule is each row's own (`pending`), and a row's mass is computed on that row's slice, so a
+    row adds the same queries in the same order as when it decodes alone (the last bits can still
+    differ where its entries sit at other columns than alone).
     A draft's tokens (LAQ's reuse) are fed in one forward without queries: they miss the ring.
     A server (serve.py) starts it with no prompt (`obs=None`) and seeds each slot's row with `admit`."""
 
@@ -74,14 +75,15 @@ class Evictor:
         # [B]: a row is evicted when it is full, as alone (a finished row too: each round still
         # writes its n entries before rewinding them)
         full = cache.kept().amax(dim=(0, 2)) + n > self.limit
-        due = [r for r, (f, p) in enumerate(zip(full.tolist(), self.pending)) if f or p >= self.every]
-        if full.any() or self.needs_mass and due:
+        rows = full.tolist()  # one device sync a round
+        due = [r for r, (f, p) in enumerate(zip(rows, self.pending)) if f or p >= self.every]
+        if any(rows) or self.needs_mass and due:
             sync(cache.k[0].device)
             t = time.perf_counter()
             if self.needs_mass:
                 self.add_mass(cache, due)
-            if full.any():
-                self.evict(cache, self.limit - max(self.every, n), rows=None if full.all() else full)
+            if any(rows):
+                self.evict(cache, self.limit - max(self.every, n), rows=None if all(rows) else full)
             sync(cache.k[0].device)
             self.seconds += time.perf_counter() - t
 
@@ -117,17 +119,18 @@ class Evictor:
         return [torch.cat(q, dim=2) for q in zip(*qs)], torch.cat(pos, dim=1)
 
     def add_mass(self, cache, rows: list):
-        """Add the pending queries' attention mass of each row in `rows`, one row at a time."""
+        """Add the pending queries' attention mass of each row in `rows`, one row at a time (what
+        `lqc.accumulate_mass` adds, on the row's slice)."""
+        self.mass = [m if m.shape[-1] == k.shape[2] else F.pad(m, (0, k.shape[2] - m.shape[-1]))  # a readable cache grows
+                     for m, k in zip(self.mass, cache.k)]
         for r in rows:
             entries = list(self.queries)[len(self.queries) - self.pending[r]:]
             if not entries:
                 continue
             q = [torch.cat([e[0][l][r:r + 1] for e in entries], dim=2) for l in range(len(self.mass))]  # [1, H_q, n, D]
             q_pos = torch.cat([e[1][r:r + 1] for e in entries], dim=1)  # [1, n]
-            for l, (k, p) in enumerate(zip(cache.k, cache.pos)):
-                m = F.pad(self.mass[l], (0, k.shape[2] - self.mass[l].shape[-1]))  # a readable cache grows
-                m[r:r + 1] = lqc.accumulate_mass(m[r:r + 1], q[l], k[r:r + 1], q_pos, p[r:r + 1])
-                self.mass[l] = m
+            for m, ql, k, p in zip(self.mass, q, cache.k, cache.pos):
+                m[r:r + 1] += lqc.attention_mass(ql, k[r:r + 1], q_pos, p[r:r + 1])
             self.pending[r] = 0
         self.trim()
 
