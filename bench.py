@@ -298,23 +298,25 @@ def kv_error_rows(model, tok, args, device) -> list[dict]:
     channel (over the prompt), per channel then per token (what `--kv-bits 8` stores)."""
     import model as M
 
-    def per_token(x):
+    def per_token(x, pos=None):
         return M.dequantize(M.quantize(x), x.dtype)
 
-    def per_channel(x):
+    def per_channel(x, pos=None):
         scale = x.abs().amax(-2, keepdim=True).clamp(min=1e-12) / 127
         return (x / scale).round().clamp(-127, 127) * scale
+
+    def per_channel_then_token(x, pos):
+        scale = M.channel_scale(x, pos)
+        return per_token(x / scale) * scale
     ids = torch.tensor([prompt_ids(tok, args.lengths[0])], device=device)
     pre = D.prefill(model, ids, keep_queries=16)
-    keys = {"per token": per_token, "per channel": per_channel,
-            "per channel, then per token": lambda k, p: per_token(k / M.channel_scale(k, p)) * M.channel_scale(k, p)}
+    keys = {"per token": per_token, "per channel": per_channel, "per channel, then per token": per_channel_then_token}
     rows = []
     for name, fn in keys.items():
         errs = []
         for k, v, p, q in zip(pre.cache.k, pre.cache.v, pre.cache.pos, pre.obs.obs_q):
             ref = M.grouped_attention(q, k, v, pre.obs.obs_pos, p)
-            kq = fn(k, p) if name.endswith("then per token") else fn(k)
-            out = M.grouped_attention(q, kq, per_token(v), pre.obs.obs_pos, p)
+            out = M.grouped_attention(q, fn(k, p), per_token(v), pre.obs.obs_pos, p)
             errs.append(((out - ref).norm() / ref.norm()).item())
         rows.append(dict(length=args.lengths[0], keys=name, mean_error=statistics.mean(errs), max_error=max(errs)))
     return rows

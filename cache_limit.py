@@ -68,6 +68,7 @@ class Evictor:
         logits, q = self.inner(tokens, pos, cache)
         if self.needs_mass or self.needs_queries:
             self.queries.append((q, pos))  # fresh tensors: make_step copies them out of a CUDA graph
+        if self.needs_mass:
             self.pending = [p + 1 for p in self.pending]
         return logits, q
 
@@ -76,8 +77,8 @@ class Evictor:
         # writes its n entries before rewinding them)
         full = cache.kept().amax(dim=(0, 2)) + n > self.limit
         rows = full.tolist()  # one device sync a round
-        due = [r for r, (f, p) in enumerate(zip(rows, self.pending)) if f or p >= self.every]
-        if any(rows) or self.needs_mass and due:
+        due = [r for r, (f, p) in enumerate(zip(rows, self.pending)) if f or p >= self.every] if self.needs_mass else []
+        if any(rows) or due:
             sync(cache.k[0].device)
             t = time.perf_counter()
             if self.needs_mass:

@@ -17,6 +17,7 @@ from sampling import Sampling, accept
 from speculative import DRAFT_LEN, CacheDraft, Draft, PseudoDraft, draft_tokens
 from steps import FastPath, flex_available, make_step, model_step, query_step, sync, to_static
 
+
 @dataclass
 class Prefill:
     cache: object  # model.KVCache: the whole prompt, per KV head

@@ -42,8 +42,8 @@ import decoding as D
 import lqc
 import model as M
 import ruler
-from checkpoint import load
 from cache_limit import EVICT_EVERY, Evictor, check_limit
+from checkpoint import load
 from cli import BadInput
 from sampling import Sampling, sample
 from steps import make_step, sync

@@ -4,7 +4,6 @@ bench and serve."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import generate as G
 import lqc
 import serve as S
 from test_lqc import TEXT, rand_ids, save_hf_dir, tiny
+from test_serve import STUB_TOK
 
 
 def score_key_norm(k: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_toy_method_through_serve(toy, limit):
     cfg = lqc.EvictConfig(method="toy", budget=8)
     reqs = [S.Request(i, i + 1, rand_ids(model, n, i)[0].tolist(), cfg, 10) for i, n in enumerate([30, 20, 40])]
     capacity = limit or S.plan_slots(model, reqs, 10**9, cfg, 10)[1]
-    server = S.Server(model, SimpleNamespace(eos_ids=(), decode=lambda ids: ""), n_slots=2, capacity=capacity,
+    server = S.Server(model, STUB_TOK, n_slots=2, capacity=capacity,
                       limit_cfg=cfg if limit else None, evict_every=4)
     records = {}
     server.run(reqs, lambda rec: records.update({rec["id"]: rec}))
